@@ -1,0 +1,125 @@
+"""The one small interface every backend implements.
+
+A backend turns a ``GenerateRequest`` (the prompt so far plus resolved sampling parameters) into a
+``GenerateResult``, and a ``SelectRequest`` into a ``ChoicesDecision``. Everything else
+(variables, roles, forks, streaming to the caller) is the interpreter's job. Backends must be
+thread-safe: many program states call them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sglrun.errors import UnsupportedCapabilityError
+from sglrun.lang.ir import SamplingParams
+
+if TYPE_CHECKING:
+    from sglrun.lang.chat_template import ChatTemplate
+    from sglrun.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+
+__all__ = [
+    "Backend",
+    "ChunkCallback",
+    "GenerateRequest",
+    "GenerateResult",
+    "ImageData",
+    "SelectRequest",
+]
+
+ChunkCallback = Callable[[str], None]
+"""Receives each new piece of generated text while a request streams."""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class ImageData:
+    """An image appended with ``sgl.image``: where it came from and its base64 bytes."""
+
+    source: str
+    base64_data: str
+    mime_type: str = "image/jpeg"
+
+    @property
+    def data_url(self) -> str:
+        return f"data:{self.mime_type};base64,{self.base64_data}"
+
+
+@dataclasses.dataclass(slots=True)
+class GenerateRequest:
+    """One generation. ``prompt`` is the whole text so far (completion-style backends);
+    ``messages`` are the finished chat turns in OpenAI format, ``role`` the open role (or None)
+    and ``role_text`` the text inside it so far (chat-style backends)."""
+
+    prompt: str
+    params: SamplingParams
+    messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    role: str | None = None
+    role_text: str = ""
+    images: list[ImageData] = dataclasses.field(default_factory=list)
+    name: str | None = None  # the variable the result goes to (for logs and test doubles)
+
+
+@dataclasses.dataclass(slots=True)
+class GenerateResult:
+    """The generated text (a list when ``n > 1``) and SGLang-style meta info:
+    ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` ({"type": "stop"|"length",
+    "matched": ...}), ``output_token_logprobs`` [(logprob, token_id, text|None), ...], ..."""
+
+    text: str | list[str]
+    meta_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
+class SelectRequest:
+    """Choose one of ``choices`` to follow the prompt, by ``choices_method``."""
+
+    prompt: str
+    choices: list[str]
+    temperature: float
+    choices_method: ChoicesSamplingMethod
+    messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    role: str | None = None
+    role_text: str = ""
+    images: list[ImageData] = dataclasses.field(default_factory=list)
+    name: str | None = None
+
+
+class Backend:
+    """Base class of all backends. Subclasses implement ``generate`` and ``select``."""
+
+    #: Short name used in error messages ("embedded llama.cpp", "OpenAI", ...).
+    name: str = "backend"
+    #: True when the server only takes chat messages (the prompt text is not sent as-is).
+    is_chat_model: bool = False
+
+    def get_chat_template(self) -> ChatTemplate:
+        from sglrun.lang.chat_template import get_chat_template
+
+        return get_chat_template("default")
+
+    def get_model_name(self) -> str:
+        return self.name
+
+    def generate(
+        self, request: GenerateRequest, on_chunk: ChunkCallback | None = None
+    ) -> GenerateResult:
+        """Generate text. With ``on_chunk`` the backend streams, calling it with each new
+        piece of text, and still returns the whole result at the end."""
+        raise NotImplementedError
+
+    def select(self, request: SelectRequest) -> ChoicesDecision:
+        raise UnsupportedCapabilityError("select", self.name)
+
+    # Optional operations: harmless defaults so every backend can be driven the same way.
+    def cache_prefix(self, prefix: str) -> None:
+        """Warm the server's prefix cache with text shared by many programs."""
+
+    def flush_cache(self, empty_cache: bool = True) -> bool:
+        return False
+
+    def get_server_info(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": self.get_model_name()}
+
+    def shutdown(self) -> None:
+        """Release engines, threads and connections."""

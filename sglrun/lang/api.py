@@ -1,0 +1,295 @@
+"""The primitives a program appends: ``gen``, ``select``, roles, ``image``, ...
+
+Same names, parameters and defaults as ``sglang.lang.api``; arguments are checked here, at the
+call, so a typo fails on the line that made it rather than inside a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from sglrun.errors import InvalidArgumentError
+from sglrun.lang.choices import ChoicesSamplingMethod, token_length_normalized
+from sglrun.lang.function import SglFunction, check_sampling
+from sglrun.lang.global_config import global_config
+from sglrun.lang.ir import (
+    SamplingParams,
+    SglConstantText,
+    SglExpr,
+    SglExprList,
+    SglGen,
+    SglImage,
+    SglRoleBegin,
+    SglRoleEnd,
+    SglSelect,
+    SglSeparateReasoning,
+    SglVideo,
+    normalize_sampling,
+)
+
+__all__ = [
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "flush_cache",
+    "function",
+    "gen",
+    "gen_int",
+    "gen_string",
+    "get_server_info",
+    "image",
+    "select",
+    "separate_reasoning",
+    "set_default_backend",
+    "system",
+    "system_begin",
+    "system_end",
+    "user",
+    "user_begin",
+    "user_end",
+    "video",
+]
+
+
+def function(
+    func: Callable[..., Any] | None = None, num_api_spec_tokens: int | None = None
+) -> Any:
+    """Decorate a program: ``@function`` or ``@function(num_api_spec_tokens=N)``."""
+    if func is not None:
+        return SglFunction(func, num_api_spec_tokens=num_api_spec_tokens)
+
+    def decorator(inner: Callable[..., Any]) -> SglFunction:
+        return SglFunction(inner, num_api_spec_tokens=num_api_spec_tokens)
+
+    return decorator
+
+
+def set_default_backend(backend: Any) -> None:
+    from sglrun.backends.base import Backend
+
+    backend = getattr(backend, "endpoint", backend)
+    if not isinstance(backend, Backend):
+        raise InvalidArgumentError(f"set_default_backend needs a backend, not {backend!r}")
+    global_config.default_backend = backend
+
+
+def flush_cache(backend: Any = None, empty_cache: bool = True) -> bool:
+    backend = getattr(backend, "endpoint", backend) or global_config.default_backend
+    return False if backend is None else bool(backend.flush_cache(empty_cache=empty_cache))
+
+
+def get_server_info(backend: Any = None) -> dict[str, Any] | None:
+    backend = getattr(backend, "endpoint", backend) or global_config.default_backend
+    return None if backend is None else backend.get_server_info()
+
+
+def _check_name(where: str, name: Any) -> None:
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(f"{where}: name must be a str, not {name!r}")
+
+
+def _schema_text(schema: Any) -> str | None:
+    if schema is None or isinstance(schema, str):
+        if isinstance(schema, str):
+            try:
+                json.loads(schema)
+            except ValueError as exc:
+                raise InvalidArgumentError(f"gen: json_schema is not valid JSON: {exc}") from None
+        return schema
+    if isinstance(schema, dict):
+        return json.dumps(schema)
+    model_schema = getattr(schema, "model_json_schema", None)  # a pydantic model class
+    if callable(model_schema):
+        return json.dumps(model_schema())
+    raise InvalidArgumentError(f"gen: json_schema must be a JSON str or dict, not {schema!r}")
+
+
+def gen(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
+    stop_regex: str | list[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+    dtype: type | str | None = None,
+    choices: list[str] | None = None,
+    choices_method: ChoicesSamplingMethod | None = None,
+    regex: str | None = None,
+    json_schema: str | None = None,
+) -> SglExpr:
+    """Generate text into variable ``name`` (a ``select`` when ``choices`` is given)."""
+    _check_name("gen", name)
+    if choices:
+        return select(
+            name,
+            choices,
+            0.0 if temperature is None else temperature,
+            token_length_normalized if choices_method is None else choices_method,
+        )
+    values = dict(
+        max_tokens=max_tokens, min_tokens=min_tokens, n=n, stop=stop,
+        stop_token_ids=stop_token_ids, stop_regex=stop_regex, temperature=temperature,
+        top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty, ignore_eos=ignore_eos, return_logprob=return_logprob,
+        logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+        return_text_in_logprobs=return_text_in_logprobs,
+    )  # fmt: skip
+    check_sampling(f"gen({name!r})", values)
+    for pattern in ([regex] if regex else []) + (
+        [stop_regex] if isinstance(stop_regex, str) else list(stop_regex or [])
+    ):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InvalidArgumentError(f"gen({name!r}): invalid regex {pattern!r}: {exc}") from None
+    if regex is not None and json_schema is not None:
+        raise InvalidArgumentError(f"gen({name!r}): give regex or json_schema, not both")
+    values.update(dtype=dtype, regex=regex, json_schema=_schema_text(json_schema))
+    values = {k: v for k, v in values.items() if v is not None}
+    return SglGen(name, SamplingParams(**normalize_sampling(values)))
+
+
+def _typed_gen(dtype: type, name: str | None, options: dict[str, Any]) -> SglExpr:
+    return gen(name, dtype=dtype, **options)
+
+
+def gen_int(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
+    stop_regex: str | list[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+) -> SglExpr:
+    """Generate an integer (constrained decoding); the variable holds an ``int``."""
+    options = {k: v for k, v in locals().items() if k != "name"}
+    return _typed_gen(int, name, options)
+
+
+def gen_string(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
+    stop_regex: str | list[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+) -> SglExpr:
+    """Generate a double-quoted string; the variable holds the text inside the quotes."""
+    options = {k: v for k, v in locals().items() if k != "name"}
+    return _typed_gen(str, name, options)
+
+
+def select(
+    name: str | None = None,
+    choices: list[str] | None = None,
+    temperature: float = 0.0,
+    choices_method: ChoicesSamplingMethod = token_length_normalized,
+) -> SglExpr:
+    """Choose one of ``choices`` by the model's log-probabilities."""
+    _check_name("select", name)
+    if not choices or not isinstance(choices, (list, tuple)):
+        raise InvalidArgumentError(f"select({name!r}): choices must be a non-empty list of str")
+    if not all(isinstance(choice, str) for choice in choices):
+        raise InvalidArgumentError(f"select({name!r}): every choice must be a str")
+    if not isinstance(choices_method, ChoicesSamplingMethod):
+        raise InvalidArgumentError(
+            f"select({name!r}): choices_method must be one of token_length_normalized, "
+            "greedy_token_selection, unconditional_likelihood_normalized"
+        )
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise InvalidArgumentError(f"select({name!r}): temperature must be a number >= 0")
+    return SglSelect(name, list(choices), float(temperature), choices_method)
+
+
+def image(expr: Any) -> SglImage:
+    return SglImage(expr)
+
+
+def video(path: str, num_frames: int) -> SglVideo:
+    return SglVideo(path, num_frames)
+
+
+def _role(name: str, expr: SglExpr | str | None) -> SglExprList:
+    if expr is None:
+        return SglExprList([SglRoleBegin(name), SglRoleEnd(name)])
+    body = SglConstantText(expr) if isinstance(expr, str) else expr
+    return SglExprList([SglRoleBegin(name), body, SglRoleEnd(name)])
+
+
+def system(expr: SglExpr | str | None = None) -> SglExprList:
+    return _role("system", expr)
+
+
+def user(expr: SglExpr | str | None = None) -> SglExprList:
+    return _role("user", expr)
+
+
+def assistant(expr: SglExpr | str | None = None) -> SglExprList:
+    return _role("assistant", expr)
+
+
+def system_begin() -> SglRoleBegin:
+    return SglRoleBegin("system")
+
+
+def system_end() -> SglRoleEnd:
+    return SglRoleEnd("system")
+
+
+def user_begin() -> SglRoleBegin:
+    return SglRoleBegin("user")
+
+
+def user_end() -> SglRoleEnd:
+    return SglRoleEnd("user")
+
+
+def assistant_begin() -> SglRoleBegin:
+    return SglRoleBegin("assistant")
+
+
+def assistant_end() -> SglRoleEnd:
+    return SglRoleEnd("assistant")
+
+
+def separate_reasoning(expr: SglExpr | None = None, model_type: str | None = None) -> SglExprList:
+    """Run ``expr``, then split its ``<think>`` reasoning into ``<name>_reasoning_content``."""
+    items: list[SglExpr] = [expr] if expr is not None else []
+    return SglExprList(items + [SglSeparateReasoning(model_type, expr)])

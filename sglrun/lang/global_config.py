@@ -1,0 +1,37 @@
+"""Process-wide settings, named as in SGLang (``sgl.global_config``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sglrun.backends.base import Backend
+
+__all__ = ["GlobalConfig", "global_config"]
+
+
+class GlobalConfig:
+    def __init__(self) -> None:
+        self.verbosity = 0
+        self.default_backend: Backend | None = None
+        # Pre-cache a batch's shared prompt prefix (found by a dry run) before the batch runs.
+        self.enable_precache_with_tracing = True
+        self.enable_parallel_encoding = True
+        self._lock = threading.Lock()
+
+    def resolve_backend(self, backend: Backend | None) -> Backend:
+        """The given backend, else the default one; with none set, the embedded engine on the
+        default model is started once (SGLang would fail here instead)."""
+        if backend is not None:
+            return getattr(backend, "endpoint", backend)
+        if self.default_backend is None:
+            with self._lock:
+                if self.default_backend is None:
+                    from sglrun.backends.llamacpp import LlamaCpp
+
+                    self.default_backend = LlamaCpp()
+        return self.default_backend
+
+
+global_config = GlobalConfig()
