@@ -11,8 +11,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sglrun.backends.base import Backend, ChunkCallback, GenerateRequest, GenerateResult
-from sglrun.backends.base import SelectRequest
+from sglrun.backends.base import (
+    Backend,
+    ChunkCallback,
+    GenerateRequest,
+    GenerateResult,
+    SelectRequest,
+)
 from sglrun.lang.chat_template import ChatTemplate, get_chat_template
 from sglrun.lang.choices import ChoicesDecision, decide
 
@@ -99,7 +104,8 @@ class FakeBackend(Backend):
     ) -> GenerateResult:
         self._enter(request)
         try:
-            if self.delay:
+            streaming = on_chunk is not None
+            if self.delay and not streaming:
                 time.sleep(self.delay)
             reply = self._next_reply(request)
             if isinstance(reply, BaseException):
@@ -110,7 +116,10 @@ class FakeBackend(Backend):
             if isinstance(reply, str):
                 reply, matched = _apply_stop(reply, params.stop or ())
                 if on_chunk is not None:
-                    for piece in _chunks(reply):
+                    pieces = _chunks(reply)
+                    for piece in pieces:  # the delay is spread over the chunks, as a model would
+                        if self.delay:
+                            time.sleep(self.delay / len(pieces))
                         on_chunk(piece)
             else:
                 matched = None

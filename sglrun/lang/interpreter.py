@@ -294,7 +294,7 @@ class Executor:
         name = expr.name
         if self.num_api_spec_tokens and not self.backend.is_chat_model and not self.stream:
             text, meta = self._speculative_gen(params)
-            self.fill(text)
+            self.text_ += text
             self._produce(name, text, meta)
             return
         started = time.perf_counter()

@@ -139,7 +139,7 @@ def _as_tuple(value: Any) -> tuple[Any, ...] | None:
 
 
 def normalize_sampling(values: dict[str, Any]) -> dict[str, Any]:
-    """Map SGLang's spellings (``max_tokens``, a str stop, a type dtype) to SamplingParams fields."""
+    """Map SGLang's spellings (``max_tokens``, a str stop, a dtype type) to field names."""
     out = dict(values)
     if "max_tokens" in out:
         out["max_new_tokens"] = out.pop("max_tokens")

@@ -67,7 +67,9 @@ class ProgramState:
         self.executor.submit(SglVarScopeEnd(name))
 
     # ------------------------------------------------------------ fork / copy
-    def fork(self, size: int = 1, position_ids_offset: list[int] | None = None) -> ProgramStateGroup:
+    def fork(
+        self, size: int = 1, position_ids_offset: list[int] | None = None
+    ) -> ProgramStateGroup:
         children = [ProgramState(executor) for executor in self.executor.fork(size)]
         return ProgramStateGroup(children, self)
 
