@@ -1,0 +1,250 @@
+"""Output side of the batch runner: one JSON record per line, flushed as soon as it is known.
+
+Each record is written with a single ``write`` call and flushed, so a crash or SIGKILL loses at
+most the line being written (``resume.scan_output`` repairs that torn line). Rows finish out of
+order on many threads; ``OrderedEmitter`` puts them back in input order with bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+import orjson
+
+from sglrun.errors import InputError, InvalidArgumentError
+
+__all__ = ["OrderedEmitter", "RecordWriter", "check_writable", "make_record", "to_jsonable"]
+
+Record = dict[str, Any]
+
+_ORJSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+
+
+def _encode(record: Record) -> bytes:
+    """One JSON line; the stdlib handles what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(record, default=str, option=_ORJSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError):
+        text = json.dumps(to_jsonable(record), ensure_ascii=False, default=str)
+        return text.encode("utf-8", "surrogatepass") + b"\n"
+
+
+class RecordWriter:
+    """Appends JSON lines to a file or stdout (``-``), flushing after each record."""
+
+    def __init__(self, path: str, *, append: bool, fsync: bool = False) -> None:
+        self.path = path
+        self.fsync = fsync and path != "-"
+        self._lock = threading.Lock()
+        self.count = 0
+        if path == "-":
+            self._stream: IO[bytes] = getattr(sys.stdout, "buffer", sys.stdout)
+            self._owned = False
+        else:
+            check_writable(path)
+            self._stream = open(path, "ab" if append else "wb")  # closed in close()
+            self._owned = True
+
+    def write(self, record: Record) -> None:
+        """Write and flush one record (thread-safe: lines never interleave)."""
+        line = _encode(record)
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
+            if self.fsync:
+                os.fsync(self._stream.fileno())
+            self.count += 1
+
+    __call__ = write
+
+    def close(self) -> None:
+        """Close the file; stdout is only flushed, since it is not ours."""
+        with self._lock:
+            if self._owned and not self._stream.closed:
+                self._stream.close()
+            elif not self._owned:
+                self._stream.flush()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_writable(path: str) -> None:
+    """Raise InputError (one line) now if ``path`` cannot be written, before any row runs.
+
+    Probes by opening for append (no change to an existing file) or by creating and removing a
+    temporary file in the directory, which also works where permission bits lie (root, ACLs).
+    """
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not an output file")
+    if os.path.exists(path):
+        try:
+            with open(path, "ab"):
+                return
+        except OSError as exc:
+            raise InputError(f"{path}: output is not writable ({exc.strerror or exc})") from None
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InputError(f"{path}: output directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".sglrun-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise InputError(
+            f"{path}: output directory {directory} is not writable ({reason})"
+        ) from None
+
+
+class OrderedEmitter:
+    """Puts out-of-order results back in input order with at most ``window`` rows held.
+
+    The producer asks ``can_admit(index)`` (or blocks in ``wait_admit``) before starting a row,
+    so a slow row 0 cannot make the emitter buffer the rest of a huge input. Rows that are not
+    run (resumed, filtered) are ``skip``ped so the order does not stall on them.
+    """
+
+    def __init__(
+        self, write: Callable[[Record], None], *, ordered: bool = True, window: int = 256
+    ) -> None:
+        if window < 1:
+            raise InvalidArgumentError(f"window must be >= 1, got {window}")
+        self._write = write
+        self.ordered = ordered
+        self.window = window
+        self._next = 0
+        self._pending: dict[int, Record | None] = {}  # None marks a skipped index
+        self._closed = False
+        self._cond = threading.Condition()
+
+    @property
+    def next_to_write(self) -> int:
+        """The lowest index not yet written or skipped."""
+        return self._next
+
+    @property
+    def pending(self) -> int:
+        """Records held back waiting for a lower index."""
+        with self._cond:
+            return sum(1 for record in self._pending.values() if record is not None)
+
+    def can_admit(self, index: int) -> bool:
+        """False while ``index`` is ``window`` or more ahead of the next row to write."""
+        if not self.ordered or self._closed:
+            return True
+        with self._cond:
+            return index < self._next + self.window
+
+    def wait_admit(self, index: int, timeout: float | None = None) -> bool:
+        """Block until ``can_admit(index)``; call it from the producer, never the writer thread."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.can_admit(index), timeout)
+
+    def emit(self, index: int, record: Record) -> None:
+        """Hand over the record of row ``index``; it is written once all lower rows are."""
+        self._put(index, record)
+
+    def skip(self, index: int) -> None:
+        """Row ``index`` produces no record; later rows need not wait for it."""
+        self._put(index, None)
+
+    def _put(self, index: int, record: Record | None) -> None:
+        with self._cond:
+            if not self.ordered or self._closed:
+                if record is not None:
+                    self._write(record)
+                return
+            if index < self._next or index in self._pending:
+                raise InvalidArgumentError(f"row {index} was already emitted or skipped")
+            self._pending[index] = record
+            while self._next in self._pending:
+                held = self._pending.pop(self._next)
+                self._next += 1
+                if held is not None:
+                    self._write(held)
+            self._cond.notify_all()
+
+    def flush_all(self) -> None:
+        """Write everything held, in index order, even across gaps (end of run or interrupt).
+
+        Afterwards the emitter passes records straight through, so late finishers still land.
+        """
+        with self._cond:
+            for index in sorted(self._pending):
+                held = self._pending.pop(index)
+                self._next = max(self._next, index + 1)
+                if held is not None:
+                    self._write(held)
+            self._closed = True
+            self._cond.notify_all()
+
+
+def to_jsonable(value: Any) -> Any:
+    """A JSON-safe copy: containers walked, unknown objects (numpy scalars, paths...) as str."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _error_dict(error: BaseException | Mapping[str, Any] | str | None) -> dict[str, str] | None:
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        return {"type": type(error).__name__, "message": str(error) or type(error).__name__}
+    if isinstance(error, Mapping):
+        return {
+            "type": str(error.get("type", "Error")),
+            "message": str(error.get("message", "")),
+        }
+    return {"type": "Error", "message": str(error)}
+
+
+def make_record(
+    id: str,
+    vars: Mapping[str, Any] | None,
+    error: BaseException | Mapping[str, Any] | str | None,
+    *,
+    row: Mapping[str, Any] | None = None,
+    text: str | None = None,
+    messages: list[Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Record:
+    """The stable output schema ``{"id", "vars", "error"}`` plus opt-in keys when given.
+
+    ``error`` may be an exception, a ``{"type", "message"}`` mapping or a plain message; the
+    optional ``row`` is written under ``input``.
+    """
+    record: Record = {
+        "id": str(id),
+        "vars": to_jsonable(dict(vars or {})),
+        "error": _error_dict(error),
+    }
+    if row is not None:
+        record["input"] = to_jsonable(row)
+    if text is not None:
+        record["text"] = text
+    if messages is not None:
+        record["messages"] = to_jsonable(messages)
+    if meta is not None:
+        record["meta"] = to_jsonable(meta)
+    return record
