@@ -1,0 +1,304 @@
+"""``RuntimeEndpoint``: an SGLang server over its native HTTP API.
+
+``GET /get_model_info`` on construction, ``POST /generate`` for text (single or streamed, SSE
+chunks carrying the cumulative text), and ``select`` the way SGLang's own RuntimeEndpoint does
+it: cache the shared prefix, then one list request scoring every ``prompt + choice`` with
+``return_logprob``, then (for ``unconditional_likelihood_normalized``) one list request with
+only the choices' tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from sglrun.backends.base import (
+    Backend,
+    ChunkCallback,
+    GenerateRequest,
+    GenerateResult,
+    ImageData,
+    SelectRequest,
+)
+from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
+from sglrun.backends.openai_constraints import apply_dtype
+from sglrun.errors import InvalidArgumentError, ServerError, TransportError
+from sglrun.lang.choices import ChoicesDecision, decide
+from sglrun.lang.ir import SamplingParams
+
+__all__ = ["RuntimeEndpoint"]
+
+# SamplingParams fields sent inside "sampling_params" (None values are left out).
+_SAMPLING_KEYS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "n",
+    "stop",
+    "stop_token_ids",
+    "stop_regex",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "ignore_eos",
+    "regex",
+    "json_schema",
+)
+# Fields sent at the top level of the request.
+_TOP_LEVEL_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                   "return_text_in_logprobs")
+
+
+def sampling_payload(params: SamplingParams) -> dict[str, Any]:
+    """The ``sampling_params`` object of a /generate request."""
+    out: dict[str, Any] = {}
+    for key in _SAMPLING_KEYS:
+        value = getattr(params, key)
+        if value is None:
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+class RuntimeEndpoint(Backend):
+    """An SGLang server (or several equivalent ones: pass a list of URLs)."""
+
+    name = "SGLang runtime"
+    support_concate_and_append = False
+
+    def __init__(
+        self,
+        base_url: str | list[str],
+        api_key: str | None = None,
+        verify: bool | str | None = None,
+        chat_template_name: str | None = None,
+        *,
+        timeout: Any = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        retry_time: float | None = None,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("SGLRUN_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        extra = {} if retry_time is None else {"retry_time": retry_time}
+        self.transport = HTTPTransport(
+            base_url, headers=headers, timeout=timeout, retries=retries, verify=verify, **extra
+        )
+        self.base_url = self.transport.pool.urls[0]
+        self.verify = verify
+        self.chat_template_name = chat_template_name
+        self._chat_template: Any = None
+        self._lock = threading.Lock()
+        info = self.transport.request("GET", "/get_model_info")
+        if not isinstance(info, dict):
+            raise TransportError(f"{self.base_url}/get_model_info did not answer a JSON object")
+        self.model_info: dict[str, Any] = info
+
+    def __repr__(self) -> str:
+        return f"RuntimeEndpoint({self.transport.pool.urls!r}, model={self.get_model_name()!r})"
+
+    # ------------------------------------------------------------------ info
+    def get_model_name(self) -> str:
+        return str(self.model_info.get("model_path", "unknown"))
+
+    def get_chat_template(self) -> Any:
+        with self._lock:
+            if self._chat_template is None:
+                from sglrun.lang.chat_template import (
+                    get_chat_template,
+                    get_chat_template_by_model_path,
+                )
+
+                if self.chat_template_name:
+                    self._chat_template = get_chat_template(self.chat_template_name)
+                else:
+                    self._chat_template = get_chat_template_by_model_path(self.get_model_name())
+            return self._chat_template
+
+    def get_server_info(self) -> dict[str, Any]:
+        try:
+            info = self.transport.request("GET", "/server_info")
+        except ServerError as exc:
+            if exc.status not in (404, 405):
+                raise
+            info = self.transport.request("GET", "/get_server_info")
+        return info if isinstance(info, dict) else {"info": info}
+
+    def flush_cache(self, empty_cache: bool = True) -> bool:
+        self.transport.request("POST", "/flush_cache", {"empty_cache": empty_cache})
+        return True
+
+    def cache_prefix(self, prefix: str) -> None:
+        self.transport.request(
+            "POST", "/generate", {"text": prefix, "sampling_params": {"max_new_tokens": 0}}
+        )
+
+    def concatenate_and_append(self, src_rids: Sequence[str], dst_rid: str) -> None:
+        """KV-cache concatenation is not used: the interpreter joins text instead."""
+
+    def shutdown(self) -> None:
+        self.transport.close()
+
+    @property
+    def stats(self) -> Any:
+        return self.transport.stats
+
+    # -------------------------------------------------------------- generate
+    @staticmethod
+    def _images(images: Sequence[ImageData], count: int | None = None) -> Any:
+        data = [image.base64_data for image in images]
+        single: Any = data[0] if len(data) == 1 else data
+        return single if count is None else [single] * count
+
+    def _generate_body(self, request: GenerateRequest) -> dict[str, Any]:
+        params = apply_dtype(request.params)
+        body: dict[str, Any] = {"text": request.prompt, "sampling_params": sampling_payload(params)}
+        for key in _TOP_LEVEL_KEYS:
+            value = getattr(params, key)
+            if value is not None:
+                body[key] = value
+        if request.images:
+            body["image_data"] = self._images(request.images)
+        return body
+
+    def generate(
+        self, request: GenerateRequest, on_chunk: ChunkCallback | None = None
+    ) -> GenerateResult:
+        body = self._generate_body(request)
+        n = request.params.n or 1
+        if on_chunk is not None and n == 1:
+            return self._generate_stream(body, on_chunk)
+        answer = self.transport.request("POST", "/generate", body)
+        if isinstance(answer, list):  # n > 1: one result per sample
+            texts = [str(item.get("text", "")) for item in answer]
+            metas = [dict(item.get("meta_info") or {}) for item in answer]
+            meta = dict(metas[0]) if metas else {}
+            meta["completion_tokens"] = sum(int(m.get("completion_tokens") or 0) for m in metas)
+            meta["finish_reason"] = [m.get("finish_reason") for m in metas]
+            meta["meta_info_list"] = metas
+            return GenerateResult(texts, meta)
+        if not isinstance(answer, dict) or "text" not in answer:
+            raise TransportError(f"{self.base_url}/generate answered without a text")
+        return GenerateResult(str(answer["text"]), dict(answer.get("meta_info") or {}))
+
+    def _generate_stream(self, body: dict[str, Any], on_chunk: ChunkCallback) -> GenerateResult:
+        body = {**body, "stream": True}
+        text = ""
+        meta: dict[str, Any] = {}
+        for event in self.transport.stream("POST", "/generate", body):
+            data = event.data
+            if not isinstance(data, dict):
+                continue
+            current = str(data.get("text", ""))
+            # SGLang streams the cumulative text; tolerate servers that send increments.
+            delta = current[len(text) :] if current.startswith(text) else current
+            text = current if current.startswith(text) else text + current
+            meta = dict(data.get("meta_info") or meta)
+            if delta:
+                on_chunk(delta)
+        return GenerateResult(text, meta)
+
+    # ---------------------------------------------------------------- select
+    def select(self, request: SelectRequest) -> ChoicesDecision:
+        choices = list(request.choices)
+        if not choices:
+            raise InvalidArgumentError("select needs at least one choice")
+        prefix_body: dict[str, Any] = {"text": request.prompt,
+                                       "sampling_params": {"max_new_tokens": 0}}
+        if request.images:
+            prefix_body["image_data"] = self._images(request.images)
+        prefix = self.transport.request("POST", "/generate", prefix_body)
+        prompt_len = int(_meta(prefix, self.base_url).get("prompt_tokens") or 0)
+        # Start a couple of tokens early: the prompt's last token may merge with the choice
+        # (token healing), and its log-probability is then part of the choice's.
+        start = max(prompt_len - 2, 0)
+        body: dict[str, Any] = {
+            "text": [request.prompt + choice for choice in choices],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True,
+            "return_text_in_logprobs": True,
+            "logprob_start_len": start,
+        }
+        if request.images:
+            body["image_data"] = self._images(request.images, len(choices))
+        answers = self.transport.request("POST", "/generate", body)
+        if not isinstance(answers, list) or len(answers) != len(choices):
+            raise TransportError(f"{self.base_url}/generate did not answer one result per choice")
+        metas = [_meta(a, self.base_url) for a in answers]
+        input_logprobs = [
+            _choice_tokens(m, request.prompt, choice, prompt_len)
+            for m, choice in zip(metas, choices)
+        ]
+        output_logprobs = [list(m.get("output_token_logprobs") or []) for m in metas]
+        unconditional = None
+        if choices_method_needs_unconditional(request):
+            ids = [[entry[1] for entry in tokens] for tokens in input_logprobs]
+            uncond = self.transport.request(
+                "POST",
+                "/generate",
+                {
+                    "input_ids": ids,
+                    "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+                    "return_logprob": True,
+                    "return_text_in_logprobs": True,
+                    "logprob_start_len": 0,
+                },
+            )
+            if not isinstance(uncond, list) or len(uncond) != len(choices):
+                raise TransportError(f"{self.base_url}/generate did not answer per choice")
+            unconditional = [
+                [_triple(e) for e in (_meta(u, self.base_url).get("input_token_logprobs") or [])]
+                for u in uncond
+            ]
+        decision = decide(
+            request.choices_method, choices, input_logprobs, unconditional, output_logprobs
+        )
+        info = dict(decision.meta_info or {})
+        info["server_normalized_prompt_logprob"] = [
+            m.get("normalized_prompt_logprob") for m in metas
+        ]
+        decision.meta_info = info
+        return decision
+
+
+def choices_method_needs_unconditional(request: SelectRequest) -> bool:
+    return bool(getattr(request.choices_method, "requires_unconditional_logprobs", False))
+
+
+def _meta(answer: Any, url: str) -> dict[str, Any]:
+    if not isinstance(answer, dict) or not isinstance(answer.get("meta_info"), dict):
+        raise TransportError(f"{url}/generate answered without meta_info")
+    return answer["meta_info"]
+
+
+def _triple(entry: Any) -> list[Any]:
+    values = list(entry) + [None] * (3 - len(entry))
+    return values[:3]
+
+
+def _choice_tokens(
+    meta: dict[str, Any], prompt: str, choice: str, prompt_len: int
+) -> list[list[Any]]:
+    """The (logprob, token_id, text) entries of ``choice`` from a scoring answer: entries that
+    lie wholly inside the prompt are dropped; one that straddles the prompt's end (a healed
+    token) is kept. Uses the token texts when the server sent them, else token counts."""
+    entries = [_triple(e) for e in (meta.get("input_token_logprobs") or [])]
+    texts = [e[2] for e in entries]
+    if entries and all(isinstance(t, str) for t in texts):
+        joined = "".join(texts)
+        if joined.endswith(choice) and len(joined) >= len(choice):
+            boundary = len(joined) - len(choice)  # where the choice starts in ``joined``
+            position = 0
+            keep_from = len(entries)
+            for index, text in enumerate(texts):
+                if position + len(text) > boundary:
+                    keep_from = index
+                    break
+                position += len(text)
+            return entries[keep_from:]
+    total = int(meta.get("prompt_tokens") or 0)
+    first_position = total - len(entries)
+    return entries[max(0, prompt_len - first_position) :]

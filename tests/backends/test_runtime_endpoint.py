@@ -1,0 +1,238 @@
+"""RuntimeEndpoint against the SGLang stub: what is sent, what comes back, select's requests."""
+
+from __future__ import annotations
+
+import pytest
+from sglang_stub import CONTINUATION, SGLangStub, fake_logprob, free_port, tokenize
+
+from sglrun.backends.base import GenerateRequest, ImageData, SelectRequest
+from sglrun.backends.runtime_endpoint import RuntimeEndpoint
+from sglrun.errors import ServerError, TransportError
+from sglrun.lang.choices import (
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
+from sglrun.lang.ir import REGEX_INT, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def stub():
+    server = SGLangStub()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backend(stub):
+    stub.clear()
+    return RuntimeEndpoint(stub.url, retries=2)
+
+
+def gen(prompt="Hello", **params):
+    return GenerateRequest(prompt=prompt, params=SamplingParams.defaults(**params))
+
+
+def sel(prompt, choices, method=token_length_normalized, **kw):
+    return SelectRequest(prompt=prompt, choices=choices, temperature=0.0, choices_method=method,
+                         **kw)
+
+
+def test_construction_reads_model_info_and_template(stub, backend):
+    assert stub.requests[0]["path"] == "/get_model_info"
+    assert backend.get_model_name() == SGLangStub.model_path
+    template = backend.get_chat_template()
+    assert template.name != "default"  # picked from the model path
+    named = RuntimeEndpoint(stub.url, chat_template_name="chatml")
+    assert named.get_chat_template().name == "chatml"
+
+
+def test_generate_maps_sampling_params(stub, backend):
+    result = backend.generate(gen(
+        "Once", max_new_tokens=4, min_new_tokens=1, stop=["zzz"], stop_token_ids=[7],
+        stop_regex=[r"\d"], temperature=0.3, top_p=0.9, top_k=20, min_p=0.05,
+        frequency_penalty=0.1, presence_penalty=0.2, ignore_eos=True,
+    ))
+    assert result.text == " the quick brown fox"
+    assert result.meta_info["completion_tokens"] == 4
+    assert result.meta_info["finish_reason"] == {"type": "length", "length": 4}
+    body = stub.posted("/generate")[-1]
+    assert body["text"] == "Once"
+    assert body["sampling_params"] == {
+        "max_new_tokens": 4, "min_new_tokens": 1, "n": 1, "stop": ["zzz"],
+        "stop_token_ids": [7], "stop_regex": [r"\d"], "temperature": 0.3, "top_p": 0.9,
+        "top_k": 20, "min_p": 0.05, "frequency_penalty": 0.1, "presence_penalty": 0.2,
+        "ignore_eos": True,
+    }
+    assert "stream" not in body and "return_logprob" not in body
+
+
+def test_stop_and_finish_reason(stub, backend):
+    result = backend.generate(gen(stop=[" fox"]))
+    assert result.text == " the quick brown"
+    assert result.meta_info["finish_reason"] == {"type": "stop", "matched": " fox"}
+
+
+def test_regex_json_schema_and_dtype(stub, backend):
+    backend.generate(gen(regex=r"[0-9]+"))
+    assert stub.posted("/generate")[-1]["sampling_params"]["regex"] == "[0-9]+"
+    schema = '{"type": "object"}'
+    assert backend.generate(gen(json_schema=schema)).text == '{"ok": true}'
+    assert stub.posted("/generate")[-1]["sampling_params"]["json_schema"] == schema
+    backend.generate(gen(dtype=int))
+    sent = stub.posted("/generate")[-1]["sampling_params"]
+    assert sent["regex"] == REGEX_INT and sent["stop"] == [" ", "\n"]
+
+
+def test_logprob_fields_are_sent_and_meta_passed_through(stub, backend):
+    result = backend.generate(gen("a b", max_new_tokens=2, return_logprob=True,
+                                  logprob_start_len=0, top_logprobs_num=2,
+                                  return_text_in_logprobs=True))
+    body = stub.posted("/generate")[-1]
+    assert (body["return_logprob"], body["logprob_start_len"], body["top_logprobs_num"],
+            body["return_text_in_logprobs"]) == (True, 0, 2, True)
+    meta = result.meta_info
+    assert [e[2] for e in meta["input_token_logprobs"]] == ["a", " b"]
+    assert meta["input_token_logprobs"][0][0] is None
+    assert [e[2] for e in meta["output_token_logprobs"]] == [" the", " quick"]
+    assert meta["output_token_logprobs"][0][0] == fake_logprob(" the", ["a", " b"])
+
+
+def test_images_are_sent_as_image_data(stub, backend):
+    image = ImageData(source="cat.png", base64_data="QUJD", mime_type="image/png")
+    request = gen("Look:")
+    request.images = [image]
+    backend.generate(request)
+    assert stub.posted("/generate")[-1]["image_data"] == "QUJD"
+    request.images = [image, ImageData("d.jpg", "REVG")]
+    backend.generate(request)
+    assert stub.posted("/generate")[-1]["image_data"] == ["QUJD", "REVG"]
+
+
+def test_n_samples(stub, backend):
+    result = backend.generate(gen(n=3, max_new_tokens=2))
+    assert result.text == [" the quick"] * 3
+    assert result.meta_info["completion_tokens"] == 6
+    assert len(result.meta_info["meta_info_list"]) == 3
+
+
+def test_stream_delivers_deltas_of_cumulative_text(stub, backend):
+    stub.stream_delay = 0.01
+    chunks: list[str] = []
+    try:
+        result = backend.generate(gen("Go", max_new_tokens=20), on_chunk=chunks.append)
+    finally:
+        stub.stream_delay = 0.0
+    assert stub.posted("/generate")[-1]["stream"] is True
+    assert chunks == tokenize(CONTINUATION)
+    assert "".join(chunks) == result.text == CONTINUATION
+    assert result.meta_info["finish_reason"] == {"type": "stop", "matched": None}
+
+
+def test_server_error_message_surfaces(stub, backend):
+    with pytest.raises(ServerError) as info:
+        backend.generate(gen(max_new_tokens=-1))
+    assert info.value.status == 400
+    assert "max_new_tokens must be at least 0" in str(info.value)
+    assert backend.stats.retries == 0
+
+
+def test_select_requests_follow_sglang(stub, backend):
+    prompt = "I saw an elephant today. Which animal? Answer:"
+    decision = backend.select(sel(prompt, [" cat", " elephant"]))
+    assert decision.decision == " elephant"  # mentioned in the prompt: likelier
+    prefix, scoring = stub.posted("/generate")
+    assert prefix == {"text": prompt, "sampling_params": {"max_new_tokens": 0}}
+    prompt_tokens = len(tokenize(prompt))
+    assert scoring["text"] == [prompt + " cat", prompt + " elephant"]
+    assert scoring["return_logprob"] is True and scoring["return_text_in_logprobs"] is True
+    assert scoring["logprob_start_len"] == prompt_tokens - 2
+    assert scoring["sampling_params"]["max_new_tokens"] == 0
+    meta = decision.meta_info
+    # only the choice's own token is scored, prompt tokens are dropped
+    assert [[e[2] for e in tokens] for tokens in meta["input_token_logprobs"]] == [
+        [" cat"], [" elephant"]]
+    assert meta["normalized_prompt_logprobs"] == [-1.5, -1.0]
+
+
+def test_select_without_mention_prefers_short_word(stub, backend):
+    assert backend.select(sel("Pick one:", [" elephant", " cat"])).decision == " cat"
+
+
+def test_select_token_healing_keeps_straddling_token(stub, backend):
+    # The prompt ends in a space that merges with the choice into one token.
+    decision = backend.select(sel("Answer: ", ["cat", "dog"]))
+    tokens = decision.meta_info["input_token_logprobs"]
+    assert [[e[2] for e in t] for t in tokens] == [[" cat"], [" dog"]]
+
+
+def test_select_unconditional_uses_choice_tokens(stub, backend):
+    prompt = "The rhinoceros is big. Animal:"
+    choices = [" a ox", " the rhinoceros"]
+    assert backend.select(sel(prompt, choices)).decision == " a ox"  # -0.75 vs -0.8125
+    stub.clear()
+    decision = backend.select(sel(prompt, choices, unconditional_likelihood_normalized))
+    assert decision.decision == " the rhinoceros"  # mentioned: far likelier than a priori
+    third = stub.posted("/generate")[2]
+    assert "text" not in third
+    assert third["input_ids"] == [[e[1] for e in t]
+                                  for t in decision.meta_info["input_token_logprobs"]]
+    assert [len(ids) for ids in third["input_ids"]] == [2, 2]
+    assert decision.meta_info["normalized_unconditional_prompt_logprobs"] == [-0.25, 1.6875]
+
+
+def test_select_greedy_and_multi_token_choices(stub, backend):
+    decision = backend.select(sel("Say:", [" big red", " big blue"], greedy_token_selection))
+    assert decision.decision == " big red"  # ties on " big", " red" is shorter than " blue"
+    assert [len(t) for t in decision.meta_info["input_token_logprobs"]] == [2, 2]
+
+
+def test_select_with_image_sends_image_per_choice(stub, backend):
+    request = sel("See:", [" a", " b"])
+    request.images = [ImageData("x.png", "QUJD")]
+    backend.select(request)
+    prefix, scoring = stub.posted("/generate")
+    assert prefix["image_data"] == "QUJD"
+    assert scoring["image_data"] == ["QUJD", "QUJD"]
+
+
+def test_flush_cache_server_info_and_cache_prefix(stub, backend):
+    assert backend.flush_cache() is True
+    assert stub.posted("/flush_cache") == [{"empty_cache": True}]
+    assert backend.get_server_info()["version"] == "0.5.0-stub"
+    stub.fail("/server_info", status=404, body={"detail": "Not Found"})
+    assert backend.get_server_info()["version"] == "0.4.0-stub"
+    backend.cache_prefix("shared system prompt")
+    assert stub.posted("/generate")[-1] == {"text": "shared system prompt",
+                                            "sampling_params": {"max_new_tokens": 0}}
+    backend.concatenate_and_append(["a"], "b")  # a harmless no-op
+
+
+def test_api_key_header_from_argument_and_env(stub, monkeypatch):
+    stub.clear()
+    RuntimeEndpoint(stub.url, api_key="k-arg-123")
+    assert stub.requests[-1]["headers"]["Authorization"] == "Bearer k-arg-123"
+    monkeypatch.setenv("SGLRUN_API_KEY", "k-env-456")
+    backend = RuntimeEndpoint(stub.url)
+    assert stub.requests[-1]["headers"]["Authorization"] == "Bearer k-env-456"
+    assert "k-env-456" not in repr(backend) and "k-env-456" not in repr(backend.transport)
+    monkeypatch.delenv("SGLRUN_API_KEY")
+    RuntimeEndpoint(stub.url)
+    assert "Authorization" not in stub.requests[-1]["headers"]
+
+
+def test_several_urls_and_dead_server(stub):
+    dead = f"http://127.0.0.1:{free_port()}"
+    stub.clear()
+    backend = RuntimeEndpoint([dead, stub.url], retries=2)
+    for _ in range(4):
+        assert backend.generate(gen(max_new_tokens=1)).text == " the"
+    assert backend.stats.retries <= 1
+    with pytest.raises(TransportError):
+        RuntimeEndpoint(dead, retries=0)
+
+
+def test_retry_on_overload_then_success(stub, backend):
+    stub.fail("/generate", status=503, retry_after=0.05)
+    assert backend.generate(gen(max_new_tokens=1)).text == " the"
+    assert backend.stats.retries == 1
