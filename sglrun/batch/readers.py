@@ -142,6 +142,8 @@ def _csv_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, 
         except StopIteration:
             return
         except csv.Error as exc:
+            if header is None:  # without a header no later row can be read right
+                raise _fail(name, start, f"CSV header is not valid CSV ({exc})") from None
             yield start, None, f"not valid CSV ({exc})"
             continue
         if not fields or (len(fields) == 1 and not fields[0].strip()):
@@ -200,16 +202,22 @@ class RowSource:
         try:
             for index, (line, data, why) in enumerate(parse(lines, self.name)):
                 if why:
-                    yield Row(index, line, str(index), None, _fail(self.name, line, why))
+                    row_id = self._fallback_id(index, line)
+                    yield Row(index, line, row_id, None, _fail(self.name, line, why))
                 else:
-                    yield Row(index, line, self._row_id(data, index), data)
+                    yield Row(index, line, self._row_id(data, index, line), data)
         finally:
             self.close()
 
-    def _row_id(self, data: dict[str, Any], index: int) -> str:
+    def _row_id(self, data: dict[str, Any], index: int, line: int) -> str:
         if self.id_field is not None and data.get(self.id_field) not in (None, ""):
             return str(data[self.id_field])
-        return str(index)
+        return self._fallback_id(index, line)
+
+    def _fallback_id(self, index: int, line: int) -> str:
+        """Row number without --id-field; with it, a row lacking an id is named by its line,
+        so it can never take the id another row declares."""
+        return str(index) if self.id_field is None else f"line-{line}"
 
     def count_rows(self) -> int | None:
         """Number of rows iteration will yield (for a progress total); None for stdin.

@@ -25,7 +25,7 @@ def write(path, data: bytes | str):
 def test_jsonl_rows_carry_index_line_and_id(tmp_path):
     path = write(tmp_path / "in.jsonl", '{"q": "a"}\n\n{"q": "b", "key": 7}\n')
     rows = list(open_rows(path, id_field="key"))
-    assert [(r.index, r.line, r.id) for r in rows] == [(0, 1, "0"), (1, 3, "7")]
+    assert [(r.index, r.line, r.id) for r in rows] == [(0, 1, "line-1"), (1, 3, "7")]
     assert rows[1].data == {"q": "b", "key": 7}
     assert all(r.error is None for r in rows)
 
@@ -154,7 +154,7 @@ def test_csv_duplicate_header_column(tmp_path):
 
 def test_csv_id_field(tmp_path):
     rows = list(open_rows(write(tmp_path / "in.csv", "rid,q\nr1,x\n,y\n"), id_field="rid"))
-    assert [r.id for r in rows] == ["r1", "1"]  # an empty id falls back to the index
+    assert [r.id for r in rows] == ["r1", "line-3"]  # an empty id falls back to the line
 
 
 # ----------------------------------------------------------------------------- stdin
