@@ -116,6 +116,9 @@ class Executor:
         self._busy = False
         self._pending: set[str] = set()
         self._streaming_vars: set[str] = set()
+        # The thread running the program itself: it produces this state's variables, so it
+        # must never wait for one (that would wait for itself).
+        self.owner_thread: int | None = None
 
     # ----------------------------------------------------------------- submission
     def submit(self, expr: SglExpr | str) -> None:
@@ -195,6 +198,8 @@ class Executor:
 
     def _still_coming(self, name: str) -> bool:
         if self.error_ is not None:
+            return False
+        if not self.concurrent and threading.get_ident() == self.owner_thread:
             return False
         if name in self._streaming_vars:
             return True

@@ -47,6 +47,7 @@ def new_state(
 def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any]) -> None:
     """Call the program; its own exception is kept in ``state.error()``, never raised."""
     executor = state.executor
+    executor.owner_thread = threading.get_ident()
     try:
         state.ret_value = function.func(state, **arguments)
     except Exception as exc:

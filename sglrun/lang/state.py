@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -140,6 +139,8 @@ class ProgramState:
     async def text_async_iter(
         self, var_name: str | None = None, return_meta_data: bool = False
     ) -> AsyncIterator[Any]:
+        import asyncio  # imported here: it costs start-up time to every other user
+
         executor = self.executor
         loop = asyncio.get_running_loop()
         if not executor.stream:

@@ -362,3 +362,15 @@ def test_many_threads_share_one_backend():
     for thread in threads:
         thread.join()
     assert results == ["x"] * 16
+
+
+def test_stream_program_reading_a_missing_variable_does_not_hang():
+    @sgl.function
+    def prog(s):
+        s += sgl.gen("a")
+        s += s["never"]
+
+    state = prog.run(backend=FakeBackend(["x"]), stream=True)
+    chunks = list(state.text_iter())
+    assert "".join(chunks) == "x"
+    assert isinstance(state.error(), VariableNotProducedError)
