@@ -22,6 +22,7 @@ from sglrun.backends.base import (
     ImageData,
     SelectRequest,
 )
+from sglrun.backends.coalesce import Coalescer
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.backends.openai_constraints import apply_dtype
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
@@ -80,6 +81,9 @@ class RuntimeEndpoint(Backend):
         timeout: Any = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
         retry_time: float | None = None,
+        coalesce: bool = True,
+        max_batch: int = 256,
+        max_in_flight: int = 8,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("SGLRUN_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -96,6 +100,13 @@ class RuntimeEndpoint(Backend):
         if not isinstance(info, dict):
             raise TransportError(f"{self.base_url}/get_model_info did not answer a JSON object")
         self.model_info: dict[str, Any] = info
+        # Requests that arrive while ``max_in_flight`` others are out go together as one list
+        # request: SGLang batches them anyway, and one round trip then serves many programs.
+        self.coalescer = (
+            Coalescer(self._send_items, max_batch=max_batch, max_in_flight=max_in_flight)
+            if coalesce
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"RuntimeEndpoint({self.transport.pool.urls!r}, model={self.get_model_name()!r})"
@@ -171,7 +182,10 @@ class RuntimeEndpoint(Backend):
         n = request.params.n or 1
         if on_chunk is not None and n == 1:
             return self._generate_stream(body, on_chunk)
-        answer = self.transport.request("POST", "/generate", body)
+        if n == 1 and not request.images:
+            answer = self._generate_items([body])[0]
+        else:
+            answer = self.transport.request("POST", "/generate", body)
         if isinstance(answer, list):  # n > 1: one result per sample
             texts = [str(item.get("text", "")) for item in answer]
             metas = [dict(item.get("meta_info") or {}) for item in answer]
@@ -201,6 +215,21 @@ class RuntimeEndpoint(Backend):
                 on_chunk(delta)
         return GenerateResult(text, meta)
 
+    # ---------------------------------------------------------------- batching
+    def _generate_items(self, items: list[dict[str, Any]]) -> list[Any]:
+        """One /generate result per single-form item, coalesced with other callers' items."""
+        if self.coalescer is not None:
+            return self.coalescer.call(items)
+        return self._send_items(items)
+
+    def _send_items(self, items: list[dict[str, Any]]) -> list[Any]:
+        if len(items) == 1:
+            return [self.transport.request("POST", "/generate", items[0])]
+        answers = self.transport.request("POST", "/generate", _list_body(items))
+        if not isinstance(answers, list) or len(answers) != len(items):
+            raise TransportError(f"{self.base_url}/generate did not answer one result per text")
+        return answers
+
     # ---------------------------------------------------------------- select
     def select(self, request: SelectRequest) -> ChoicesDecision:
         choices = list(request.choices)
@@ -210,7 +239,10 @@ class RuntimeEndpoint(Backend):
                                        "sampling_params": {"max_new_tokens": 0}}
         if request.images:
             prefix_body["image_data"] = self._images(request.images)
-        prefix = self.transport.request("POST", "/generate", prefix_body)
+        if request.images:
+            prefix = self.transport.request("POST", "/generate", prefix_body)
+        else:
+            prefix = self._generate_items([prefix_body])[0]
         prompt_len = int(_meta(prefix, self.base_url).get("prompt_tokens") or 0)
         # Start a couple of tokens early: the prompt's last token may merge with the choice
         # (token healing), and its log-probability is then part of the choice's.
@@ -224,7 +256,9 @@ class RuntimeEndpoint(Backend):
         }
         if request.images:
             body["image_data"] = self._images(request.images, len(choices))
-        answers = self.transport.request("POST", "/generate", body)
+            answers = self.transport.request("POST", "/generate", body)
+        else:
+            answers = self._generate_items(_split_items(body))
         if not isinstance(answers, list) or len(answers) != len(choices):
             raise TransportError(f"{self.base_url}/generate did not answer one result per choice")
         metas = [_meta(a, self.base_url) for a in answers]
@@ -262,6 +296,30 @@ class RuntimeEndpoint(Backend):
         ]
         decision.meta_info = info
         return decision
+
+
+def _list_body(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """SGLang's list form of /generate: texts with per-item sampling and logprob options."""
+    body: dict[str, Any] = {
+        "text": [item["text"] for item in items],
+        "sampling_params": [item.get("sampling_params") or {} for item in items],
+    }
+    if any(item.get("return_logprob") for item in items):
+        body["return_logprob"] = [bool(item.get("return_logprob")) for item in items]
+        body["logprob_start_len"] = [
+            -1 if item.get("logprob_start_len") is None else item["logprob_start_len"]
+            for item in items
+        ]
+        body["top_logprobs_num"] = [item.get("top_logprobs_num") or 0 for item in items]
+    if any(item.get("return_text_in_logprobs") for item in items):
+        body["return_text_in_logprobs"] = True
+    return body
+
+
+def _split_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A list-form body with shared options as single-form items (one per text)."""
+    shared = {k: v for k, v in body.items() if k != "text"}
+    return [{"text": text, **shared} for text in body["text"]]
 
 
 def choices_method_needs_unconditional(request: SelectRequest) -> bool:

@@ -241,21 +241,26 @@ class SGLangStub(StubServer):
             handler.send_json(400, {"error": {"message": "Either text or input_ids should be "
                                                          "provided."}})
             return
-        params = body.get("sampling_params") or {}
-        max_new = params.get("max_new_tokens", 128)
-        if not isinstance(max_new, int) or max_new < 0:
-            handler.send_json(400, {"error": {
-                "message": f"max_new_tokens must be at least 0, got {max_new}."}})
-            return
-        if params.get("regex") and params.get("json_schema"):
-            handler.send_json(400, {"error": {"message": "regex and json_schema cannot be both "
-                                                         "set."}})
-            return
+        listed = body.get("sampling_params")
+        for params in listed if isinstance(listed, list) else [listed or {}]:
+            max_new = params.get("max_new_tokens", 128)
+            if not isinstance(max_new, int) or max_new < 0:
+                handler.send_json(400, {"error": {
+                    "message": f"max_new_tokens must be at least 0, got {max_new}."}})
+                return
+            if params.get("regex") and params.get("json_schema"):
+                handler.send_json(400, {"error": {"message": "regex and json_schema cannot be "
+                                                             "both set."}})
+                return
         if isinstance(text, list) or (ids and isinstance(ids[0], list)):
             prompts = text if text is not None else ids
-            results = [self.one(p, params, body) for p in prompts]
+            results = []
+            for index, prompt in enumerate(prompts):
+                item = item_options(body, index)
+                results.append(self.one(prompt, item.get("sampling_params") or {}, item))
             handler.send_json(200, results)
             return
+        params = listed or {}
         n = params.get("n", 1) or 1
         if body.get("stream"):
             self.stream(handler, text if text is not None else ids, params, body)
@@ -347,3 +352,15 @@ def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def item_options(body: dict[str, Any], index: int) -> dict[str, Any]:
+    """The options of item ``index`` of a list request: SGLang takes each per-item option
+    either as one value for all items or as a list with one value per item."""
+    item = dict(body)
+    for key in ("sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
+                "image_data"):
+        value = body.get(key)
+        if isinstance(value, list):
+            item[key] = value[index]
+    return item

@@ -145,9 +145,11 @@ def test_select_requests_follow_sglang(stub, backend):
     assert prefix == {"text": prompt, "sampling_params": {"max_new_tokens": 0}}
     prompt_tokens = len(tokenize(prompt))
     assert scoring["text"] == [prompt + " cat", prompt + " elephant"]
-    assert scoring["return_logprob"] is True and scoring["return_text_in_logprobs"] is True
-    assert scoring["logprob_start_len"] == prompt_tokens - 2
-    assert scoring["sampling_params"]["max_new_tokens"] == 0
+    # SGLang's list form: one value per item for each per-item option
+    assert scoring["return_logprob"] == [True, True]
+    assert scoring["return_text_in_logprobs"] is True
+    assert scoring["logprob_start_len"] == [prompt_tokens - 2] * 2
+    assert [p["max_new_tokens"] for p in scoring["sampling_params"]] == [0, 0]
     meta = decision.meta_info
     # only the choice's own token is scored, prompt tokens are dropped
     assert [[e[2] for e in tokens] for tokens in meta["input_token_logprobs"]] == [
@@ -236,3 +238,33 @@ def test_retry_on_overload_then_success(stub, backend):
     stub.fail("/generate", status=503, retry_after=0.05)
     assert backend.generate(gen(max_new_tokens=1)).text == " the"
     assert backend.stats.retries == 1
+
+
+def test_concurrent_requests_coalesce_into_list_requests(stub, backend):
+    """Requests arriving while others are in flight go out together in SGLang's list form,
+    each item keeping its own sampling parameters; every caller gets its own answer."""
+    import threading
+
+    from sglrun.backends.coalesce import Coalescer
+
+    backend.coalescer = Coalescer(backend._send_items, max_in_flight=1)
+    stub.fail("/generate", delay=0.3)  # the first request is slow: the others pile up
+    results: dict[int, str] = {}
+
+    def call(i: int) -> None:
+        request = gen(f"row {i}:", max_new_tokens=1 + i % 3)
+        results[i] = backend.generate(request).text
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    posted = [body for body in stub.posted("/generate") if isinstance(body["text"], list)]
+    assert posted, "no list request was sent"
+    assert len(stub.posted("/generate")) < 24
+    for body in posted:
+        assert len(body["sampling_params"]) == len(body["text"])
+        for text, params in zip(body["text"], body["sampling_params"]):
+            assert params["max_new_tokens"] == 1 + int(text.split()[1][:-1]) % 3
+    assert sorted(results) == list(range(24))

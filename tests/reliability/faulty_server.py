@@ -105,7 +105,8 @@ class RequestLog:
 
     seq: int
     time: float
-    row: str | None
+    row: str | None  # the first row in the request
+    rows: tuple[str, ...]  # every row in it: a list request (coalesced) carries many
     kind: str  # "gen", "stream", "prefix" (max_new_tokens=0) or "select" (list + logprobs)
     attempt: int  # how many times this exact body was seen before
     digest: str
@@ -478,11 +479,17 @@ class FaultyServer:
     def _admit(self, body: bytes, data: dict[str, Any]) -> RequestLog:
         """Log the request and decide its fate."""
         text = data.get("text")
-        first = text[0] if isinstance(text, list) and text else text
-        match = ROW_PATTERN.search(first if isinstance(first, str) else "")
-        row = match.group(1) if match else None
+        texts = text if isinstance(text, list) else [text]
+        found = [ROW_PATTERN.search(t if isinstance(t, str) else "") for t in texts]
+        rows = tuple(dict.fromkeys(m.group(1) for m in found if m))
+        row = rows[0] if rows else None
         params = data.get("sampling_params") or {}
-        if isinstance(text, list) or data.get("return_logprob"):
+        if isinstance(params, list):  # SGLang's per-item form: classify by the first item
+            params = params[0] if params else {}
+        logprob = data.get("return_logprob")
+        if isinstance(logprob, list):
+            logprob = all(logprob)
+        if logprob:
             kind = "select"
         elif params.get("max_new_tokens") == 0:
             kind = "prefix"
@@ -505,7 +512,7 @@ class FaultyServer:
             outcome, status = "ok", 200
             if self._down.is_set() or disappear:
                 outcome, status = "down", None
-            elif row is not None and row in faults.fail_rows:
+            elif any(r in faults.fail_rows for r in rows):
                 outcome, status = "error", 500
             else:
                 edge = 0.0
@@ -524,6 +531,7 @@ class FaultyServer:
                 seq=len(self.log),
                 time=time.monotonic(),
                 row=row,
+                rows=rows,
                 kind=kind,
                 attempt=attempt,
                 digest=digest,
@@ -538,7 +546,7 @@ class FaultyServer:
     def respond(self, data: dict[str, Any]) -> Any:
         text = data["text"]
         if isinstance(text, list):
-            return [self._respond_one(dict(data, text=item)) for item in text]
+            return [self._respond_one(item_options(data, i)) for i in range(len(text))]
         return self._respond_one(data)
 
     def _respond_one(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -585,7 +593,7 @@ class FaultyServer:
             return list(self.log[mark:])
 
     def requests_per_row(self, mark: int = 0) -> Counter[str]:
-        return Counter(entry.row for entry in self.since(mark) if entry.row is not None)
+        return Counter(row for entry in self.since(mark) for row in entry.rows)
 
     def outcomes(self, mark: int = 0) -> Counter[str]:
         return Counter(entry.outcome for entry in self.since(mark))
@@ -619,3 +627,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def item_options(data: dict[str, Any], index: int) -> dict[str, Any]:
+    """Item ``index`` of a list request, its per-item options (SGLang accepts each as one
+    value for all items or a list with one value per item) made single."""
+    item = dict(data, text=data["text"][index])
+    for key in ("sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num"):
+        value = data.get(key)
+        if isinstance(value, list):
+            item[key] = value[index]
+    return item

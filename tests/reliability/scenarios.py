@@ -106,7 +106,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "disappear",
             "server gone 5 s mid-run",
-            Faults(disappear_after=300, disappear_seconds=5.0),
+            Faults(disappear_after=20, disappear_seconds=5.0),
             retries=8,
         ),
         Scenario(
@@ -362,13 +362,13 @@ def run_crash(
                         proc.kill()
                         proc.wait()
             repaired += "repaired the torn last line" in log_path.read_text()
-            again = {entry.row for entry in server.since(mark)} & done_before
+            again = {row for entry in server.since(mark) for row in entry.rows} & done_before
             if again:
                 resent[round_number] = again
         done_before = written_ids(output)
         mark = server.mark()
         final = run_cli([*args, "--resume"], cwd=workdir, env=env, timeout=120)
-        again = {entry.row for entry in server.since(mark)} & done_before
+        again = {row for entry in server.since(mark) for row in entry.rows} & done_before
         if again:
             resent[kills] = again
         per_row = server.requests_per_row()

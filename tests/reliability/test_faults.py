@@ -81,9 +81,11 @@ def test_fault_loses_nothing(name, outcome_of, clean_vars):
     # Bounded in time: nothing waits for the hung server or loops.
     assert run.seconds < scenario.max_seconds, run.describe()
 
-    # Bounded in count: no row sends more than (retries + 1) attempts per request.
-    per_row = Counter(entry.row for entry in outcome.server_log)
-    ceiling = REQUESTS_PER_ROW[scenario.program] * (scenario.retries + 1)
+    # Bounded in count: per request, a row is tried at most (retries + 1) times inside a
+    # coalesced list request and, if the server refused that whole list, (retries + 1) times
+    # alone (so one bad row cannot fail the rows it was sent with).
+    per_row = Counter(row for entry in outcome.server_log for row in entry.rows)
+    ceiling = REQUESTS_PER_ROW[scenario.program] * 2 * (scenario.retries + 1)
     worst = per_row.most_common(1)[0]
     assert worst[1] <= ceiling, f"row {worst[0]} sent {worst[1]} requests (ceiling {ceiling})"
     attempts_per_body = Counter(entry.digest for entry in outcome.server_log)
@@ -92,12 +94,11 @@ def test_fault_loses_nothing(name, outcome_of, clean_vars):
     # Every retry shows in the -v log, numbered against the configured budget.
     budgets = {line.split(" of ")[0].rsplit("/", 1)[1] for line in outcome.retry_lines}
     assert budgets <= {str(scenario.retries)}, budgets
-    if not outcome.downtimes:  # the server saw every attempt: count them exactly
-        ok = sum(1 for entry in outcome.server_log if entry.outcome == "ok")
-        expected_retries = len(outcome.server_log) - ok - facts["errors"]
-        assert len(outcome.retry_lines) == expected_retries, (
+    if not outcome.downtimes:  # the server saw every attempt: each retry answers a failure
+        failed = sum(1 for entry in outcome.server_log if entry.outcome != "ok")
+        assert len(outcome.retry_lines) <= failed, (
             f"{len(outcome.retry_lines)} retry lines in -v output, "
-            f"{expected_retries} retries seen by the server"
+            f"only {failed} failed requests seen by the server"
         )
 
 
@@ -113,7 +114,8 @@ def test_retry_after_is_honoured(outcome_of):
             for before, after in zip(attempts, attempts[1:]):
                 if before.outcome == "rate_limit":
                     gaps.append(after.time - before.time)
-        assert len(gaps) >= 20, f"{name}: too few 429s were retried to judge ({len(gaps)})"
+        # (requests that arrive together travel as one list request: few 429s in all)
+        assert len(gaps) >= 5, f"{name}: too few 429s were retried to judge ({len(gaps)})"
         early = [gap for gap in gaps if gap < wait - 0.05]
         assert not early, f"{name}: {len(early)} retries before Retry-After {wait}s: {early[:5]}"
         assert max(gaps) < wait + 2.0, f"{name}: a retry waited {max(gaps):.2f}s"
@@ -130,9 +132,11 @@ def test_permanent_failures_are_the_error_records(outcome_of):
         assert record["error"]["type"] == "ServerError"
         assert "HTTP 500" in record["error"]["message"]
         assert record["vars"] == {}
-    per_row = Counter(entry.row for entry in outcome.server_log)
-    for row in scenario.faults.fail_rows:  # the first gen, tried 1 + retries times, then stop
-        assert per_row[row] == scenario.retries + 1, (row, per_row[row])
+    per_row = Counter(row for entry in outcome.server_log for row in entry.rows)
+    for row in scenario.faults.fail_rows:
+        # the first gen: 1 + retries times alone, after at most 1 + retries in a refused list
+        assert scenario.retries + 1 <= per_row[row] <= 2 * (scenario.retries + 1), (
+            row, per_row[row])
 
 
 @pytest.mark.parametrize(
@@ -190,7 +194,7 @@ def test_resume_retry_errors_reruns_only_the_failed_rows(outcome_of, tmp_path):
         args = ["batch", "prog.py", "rows.jsonl", "-o", "out.jsonl", "--backend", "sglang",
                 "--url", server.url, "--id-field", "id", "--resume", "--retry-errors"]
         run = run_cli(args, cwd=work, timeout=120)
-        sent = {entry.row for entry in server.since()}
+        sent = {row for entry in server.since() for row in entry.rows}
     assert run.returncode == 0, run.describe()
     assert sent == failed, f"sent {len(sent - failed)} rows that had succeeded"
     facts = check_each_id_once(read_records(work / "out.jsonl"), outcome.ids)

@@ -1,0 +1,105 @@
+"""The coalescer on its own: batching under load, order, error isolation, adaptivity."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sglrun.backends.coalesce import Coalescer
+from sglrun.errors import ServerError, TransportError
+
+
+class Recorder:
+    """A send_batch that records each batch; items naming 'bad' poison the whole batch."""
+
+    def __init__(self, delay: float = 0.0, error: type[Exception] = ServerError) -> None:
+        self.batches: list[list[dict]] = []
+        self.delay = delay
+        self.error = error
+        self.lock = threading.Lock()
+
+    def __call__(self, items: list[dict]) -> list[str]:
+        with self.lock:
+            self.batches.append(items)
+        time.sleep(self.delay)
+        if any(item["text"] == "bad" for item in items):
+            raise ServerError(500, "poisoned") if self.error is ServerError else self.error("x")
+        return [item["text"].upper() for item in items]
+
+
+def hammer(coalescer: Coalescer, texts: list[str]) -> dict[str, object]:
+    results: dict[str, object] = {}
+
+    def call(text: str) -> None:
+        try:
+            results[text] = coalescer.call([{"text": text}])[0]
+        except Exception as exc:
+            results[text] = exc
+
+    threads = [threading.Thread(target=call, args=(t,)) for t in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_alone_when_idle():
+    send = Recorder()
+    coalescer = Coalescer(send, max_in_flight=2)
+    assert coalescer.call([{"text": "a"}, {"text": "b"}]) == ["A", "B"]
+    assert send.batches == [[{"text": "a"}, {"text": "b"}]]
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_results():
+    send = Recorder(delay=0.05)
+    coalescer = Coalescer(send, max_in_flight=1)
+    texts = [f"t{i}" for i in range(30)]
+    results = hammer(coalescer, texts)
+    assert results == {t: t.upper() for t in texts}
+    assert len(send.batches) < 30
+    assert max(len(batch) for batch in send.batches) > 1
+
+
+def test_max_batch_bounds_a_request():
+    send = Recorder(delay=0.05)
+    coalescer = Coalescer(send, max_in_flight=1, max_batch=4)
+    hammer(coalescer, [f"t{i}" for i in range(20)])
+    assert max(len(batch) for batch in send.batches) <= 4
+
+
+def test_a_refused_batch_is_split_so_one_bad_item_fails_alone():
+    send = Recorder(delay=0.05)
+    coalescer = Coalescer(send, max_in_flight=1)
+    texts = [f"t{i}" for i in range(12)] + ["bad"]
+    results = hammer(coalescer, texts)
+    assert isinstance(results["bad"], ServerError)
+    assert all(results[t] == t.upper() for t in texts if t != "bad")
+
+
+def test_transport_failure_reaches_every_caller_in_the_batch():
+    send = Recorder(delay=0.05, error=TransportError)
+    coalescer = Coalescer(send, max_in_flight=1)
+    results = hammer(coalescer, [f"t{i}" for i in range(6)] + ["bad"])
+    assert isinstance(results["bad"], TransportError)
+    assert any(isinstance(v, TransportError) for k, v in results.items() if k != "bad")
+
+
+def test_slow_round_trips_turn_coalescing_off():
+    send = Recorder(delay=0.08)
+    coalescer = Coalescer(send, max_in_flight=1, latency_threshold=0.05)
+    coalescer.call([{"text": "warm"}])
+    assert coalescer.latency > 0.0
+    coalescer.latency = 1.0  # as if the server took a second per request
+    hammer(coalescer, [f"t{i}" for i in range(8)])
+    assert all(len(batch) == 1 for batch in send.batches)
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_no_caller_is_left_waiting(in_flight):
+    send = Recorder(delay=0.01)
+    coalescer = Coalescer(send, max_in_flight=in_flight, max_batch=3)
+    texts = [f"t{i}" for i in range(50)]
+    assert hammer(coalescer, texts) == {t: t.upper() for t in texts}
