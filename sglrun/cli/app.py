@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -352,6 +351,7 @@ def batch(
     shared = _Shared.pick(locals())
     _setup_logging(verbose)
     from sglrun.batch.runner import INCLUDE_FIELDS
+    from sglrun.cli.batch_job import BatchJob
     from sglrun.cli.loader import check_mapping, load_program
 
     with _usage_errors():
@@ -371,7 +371,7 @@ def batch(
         check_mapping(fn, mapping)
         out = output if output is not None else _default_output(input_path)
         _check_output(out, input_path)
-        job = _BatchJob(
+        job = BatchJob(
             fn, shared, settings, backend_name, input_path=input_path, out=out,
             input_format=input_format, id_field=id_field, mapping=mapping, strict=strict,
             ordered=not unordered, window=window, resume=resume or retry_errors,
@@ -379,142 +379,6 @@ def batch(
         )  # fmt: skip
         job.prepare()
     job.run()
-
-
-@dataclasses.dataclass
-class _BatchJob:
-    """One ``sglrun batch``: ``prepare`` (errors exit 2, nothing has run) then ``run``."""
-
-    fn: SglFunction
-    shared: _Shared
-    settings: Settings
-    backend_name: str
-    input_path: str
-    out: str
-    input_format: str | None
-    id_field: str | None
-    mapping: dict[str, str]
-    strict: bool
-    ordered: bool
-    window: int | None
-    resume: bool
-    retry_errors: bool
-    include: set[str]
-    stream: bool
-    limit: int | None
-
-    def prepare(self) -> None:
-        """Open the input and output and build the backend; raises SglrunError (exit 2)."""
-        from sglrun.batch.runner import open_batch
-        from sglrun.cli.loader import auto_threads, build_backend
-
-        self.batch = open_batch(
-            self.input_path, self.out, fmt=self.input_format, id_field=self.id_field,
-            limit=self.limit, resume=self.resume, retry_errors=self.retry_errors,
-        )  # fmt: skip
-        if self.batch.repaired:
-            _say(f"sglrun: repaired the torn last line of {self.out} (an interrupted write)")
-        if self.batch.removed:
-            _say(f"sglrun: removed {self.batch.removed} failed records from {self.out} to retry")
-        self.backend = build_backend(
-            self.settings, self.backend_name, insecure=self.shared.insecure
-        )
-        self.threads = auto_threads(self.settings, self.backend_name, self.backend)
-
-    def run(self) -> NoReturn:
-        """Run every row, print the summary, and exit with the batch's code."""
-        from sglrun.batch.runner import run_batch_file, stop_on_signals
-        from sglrun.batch.writers import RecordWriter
-        from sglrun.cli.display import BatchDisplay
-
-        label = "<stdout>" if self.out == "-" else self.out
-        display = BatchDisplay(
-            total=None,
-            description=self.fn.name,
-            output=label,
-            quiet=self.shared.quiet,
-            stream_text=self.stream,
-        )
-        display.count_total(self.batch.source, self.limit)
-        writer = RecordWriter(self.out, append=self.resume)
-        stop, finished = threading.Event(), threading.Event()
-
-        def announce() -> None:
-            if stop.wait() and not finished.is_set() and not self.shared.quiet:
-                display.note(
-                    "sglrun: stopping: finishing the rows in flight "
-                    "(press Ctrl-C again to stop at once)"
-                )
-
-        threading.Thread(target=announce, name="sglrun-interrupt", daemon=True).start()
-        try:
-            with stop_on_signals(stop), display:
-                stats = run_batch_file(
-                    self.fn, self.batch.rows, backend=self.backend,
-                    defaults=_defaults(self.settings), num_threads=self.threads,
-                    ordered=self.ordered, window=self.window,
-                    on_record=writer.write, on_progress=display.update, include=self.include,
-                    stream_panel=display.stream_panel, stop_event=stop,
-                    mapping=self.mapping or None, strict=self.strict, id_field=self.id_field,
-                    skip_ids=self.batch.skip, source=self.batch.source.name,
-                    on_warning=lambda message: display.note(f"sglrun: warning: {message}"),
-                )  # fmt: skip
-                display.update(stats)  # the final numbers, unthrottled
-        finally:
-            finished.set()
-            stop.set()  # releases the announcer
-            try:
-                writer.close()
-            except OSError:
-                pass
-        display.summary(stats, _retries(self.backend))
-        self._exit(stats, label)
-
-    def _exit(self, stats: Any, label: str) -> NoReturn:
-        if stats.write_error is not None:
-            if isinstance(stats.write_error, BrokenPipeError):  # `| head`: not worth a word
-                _silence_stdout()
-                raise typer.Exit(EXIT_FAILED)
-            _fail(f"{label}: cannot write output ({_one_line(stats.write_error)})", EXIT_FAILED)
-        if stats.read_error is not None:  # the rows before the broken part ran
-            _fail(f"{_one_line(stats.read_error)}", EXIT_FAILED if stats.done else EXIT_USAGE)
-        if stats.status == "interrupted":
-            _say(_resume_hint(self.out))
-            if stats.abandoned and _STANDALONE:  # rows still running must not hold the exit
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(EXIT_INTERRUPTED)
-            _shutdown(self.backend)
-            raise typer.Exit(EXIT_INTERRUPTED)
-        _shutdown(self.backend)
-        if stats.failed:
-            _say(
-                f"sglrun: {stats.failed} of {stats.done} rows failed; "
-                'see the "error" field of their records'
-            )
-        kept = self.batch.kept_failures
-        if kept:
-            _say(
-                f"sglrun: {kept} rows that failed in an earlier run were kept; "
-                "add --retry-errors to run them again"
-            )
-        raise typer.Exit(EXIT_FAILED if stats.failed or kept else EXIT_OK)
-
-
-def _retries(backend: Any) -> int:
-    """Requests the HTTP transport had to retry (server backends), for the summary line."""
-    stats = getattr(getattr(backend, "transport", None), "stats", None)
-    stats = stats() if callable(stats) else stats
-    retries = getattr(stats, "retries", 0)
-    return retries if isinstance(retries, int) else 0
-
-
-def _silence_stdout() -> None:
-    """After a closed pipe (``| head``), keep Python's exit flush from complaining."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 # ----------------------------------------------------------------------------- run
