@@ -108,6 +108,7 @@ class Executor:
         self.cur_images: list[ImageData] = []
         self.fork_start_text_pos = 0
         self.speculated_text = ""
+        self.spec_terms: list[Any] | None = None  # an assistant turn being collected
         self.error_: BaseException | None = None
         self.finished = not stream  # a streaming run is live until the program returns
 
@@ -269,6 +270,11 @@ class Executor:
             self.execute(item)
 
     def visit_constant_text(self, expr: SglConstantText) -> None:
+        if self.spec_terms is not None:
+            from sglrun.lang.speculative import SpecTerm
+
+            self.spec_terms.append(SpecTerm(text=str(expr.value)))
+            return
         self.fill(str(expr.value))
 
     def fill(self, value: str) -> None:
@@ -297,6 +303,11 @@ class Executor:
     def visit_gen(self, expr: SglGen) -> None:
         params = self.resolve_params(expr.sampling_params)
         name = expr.name
+        if self.spec_terms is not None:
+            from sglrun.lang.speculative import SpecTerm
+
+            self.spec_terms.append(SpecTerm(name=name, params=params, is_gen=True))
+            return
         if self.num_api_spec_tokens and not self.backend.is_chat_model and not self.stream:
             text, meta = self._speculative_gen(params)
             self.text_ += text
@@ -363,6 +374,11 @@ class Executor:
     def visit_select(self, expr: SglSelect) -> None:
         if not expr.choices:
             raise InvalidArgumentError(f"select {expr.name!r} needs at least one choice")
+        if self.spec_terms is not None:
+            raise ProgramError(
+                f"select {expr.name!r} cannot run inside a speculative assistant turn "
+                "(num_api_spec_tokens): put it in its own turn"
+            )
         request = SelectRequest(
             prompt=self.text_,
             choices=list(expr.choices),
@@ -395,12 +411,19 @@ class Executor:
         prefix, _ = self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)
         self.text_ += prefix
         self.cur_role_begin_pos = len(self.text_)
+        if expr.role == "assistant" and self.num_api_spec_tokens and self.backend.is_chat_model:
+            self.spec_terms = []  # collect the turn; the model writes it whole at role end
 
     def visit_role_end(self, expr: SglRoleEnd) -> None:
         if self.cur_role != expr.role:
             raise ProgramError(
                 f"cannot end role {expr.role!r}: the open role is {self.cur_role!r}"
             )
+        if self.spec_terms is not None:
+            from sglrun.lang.speculative import fill_turn
+
+            terms, self.spec_terms = self.spec_terms, None
+            fill_turn(self, terms)
         content = self.text_[self.cur_role_begin_pos :].lstrip()
         _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)
         self.cur_role = None

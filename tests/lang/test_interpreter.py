@@ -374,3 +374,47 @@ def test_stream_program_reading_a_missing_variable_does_not_hang():
     chunks = list(state.text_iter())
     assert "".join(chunks) == "x"
     assert isinstance(state.error(), VariableNotProducedError)
+
+
+def test_speculative_chat_turn_is_generated_once_and_matched():
+    @sgl.function(num_api_spec_tokens=64)
+    def card(s, who: str):
+        s += sgl.user("Describe " + who + " as 'Name: ...' then 'Job: ...'.")
+        s += sgl.assistant(
+            "Name:" + sgl.gen("name", stop="\n") + "\nJob:" + sgl.gen("job", stop="\n")
+        )
+
+    backend = FakeBackend(["Name: Ann Lee\nJob: pilot\n"], is_chat_model=True)
+    state = card.run("Ann", backend=backend)
+    assert state.error() is None, state.error()
+    assert (state["name"], state["job"]) == ("Ann Lee", "pilot")
+    assert len(backend.calls) == 1
+    assert backend.calls[0].role == "assistant" and backend.calls[0].params.max_new_tokens == 64
+    assert state.messages()[-1] == {"role": "assistant", "content": "Name:Ann Lee\nJob:pilot"}
+    assert state.get_meta_info("job")["speculative"] is True
+
+
+def test_speculative_chat_turn_retries_then_fails_clearly():
+    @sgl.function(num_api_spec_tokens=32)
+    def card(s):
+        s += sgl.user("Go")
+        s += sgl.assistant("Name:" + sgl.gen("name") + "\nJob:" + sgl.gen("job"))
+
+    backend = FakeBackend(["no format", "still none", "Name: Bo\nJob: cook"], is_chat_model=True)
+    state = card.run(backend=backend)
+    assert (state["name"], state["job"]) == ("Bo", "cook") and len(backend.calls) == 3
+    failing = card.run(backend=FakeBackend(["x"], cycle=True, is_chat_model=True))
+    assert isinstance(failing.error(), ProgramError) and "template" in str(failing.error())
+
+
+def test_speculative_state_is_per_program_under_threads():
+    @sgl.function(num_api_spec_tokens=16)
+    def card(s, i: int):
+        s += sgl.user(f"row {i}")
+        s += sgl.assistant("Id:" + sgl.gen("id", stop="\n"))
+
+    backend = FakeBackend(
+        lambda r: "Id: " + r.messages[-1]["content"].split()[1], delay=0.01, is_chat_model=True
+    )
+    states = card.run_batch([{"i": i} for i in range(24)], backend=backend, num_threads=8)
+    assert [s["id"] for s in states] == [str(i) for i in range(24)]
