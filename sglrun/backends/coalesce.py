@@ -28,14 +28,16 @@ SendBatch = Callable[[list[dict[str, Any]]], list[Any]]
 
 
 class _Waiter:
-    __slots__ = ("items", "results", "error", "event", "lead", "solo")
+    __slots__ = ("items", "results", "error", "event", "leads", "solo")
 
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = items
         self.results: list[Any] | None = None
         self.error: BaseException | None = None
         self.event = threading.Event()
-        self.lead = False  # told to send the next batch
+        # Sending slots handed to this caller (it may be handed more than one before it
+        # wakes); each must be used or passed on, or the slot is lost and callers wait forever.
+        self.leads = 0
         self.solo = False  # told to send its own items alone
 
 
@@ -66,24 +68,30 @@ class Coalescer:
         waiter = _Waiter(items)
         with self._lock:
             self._queue.append(waiter)
-            lead = (
-                self._in_flight < self.max_in_flight or self.latency > self.latency_threshold
-            )
-            if lead:
+            if self._in_flight < self.max_in_flight or self.latency > self.latency_threshold:
                 self._in_flight += 1
-        if lead:
-            self._lead()
-        while waiter.results is None and waiter.error is None:
-            waiter.event.wait()
-            waiter.event.clear()
-            if waiter.solo:
-                return self._send_batch(items)
-            if waiter.lead:
-                waiter.lead = False
-                self._lead()
+                waiter.leads += 1
+        try:
+            self._use_leads(waiter)
+            while waiter.results is None and waiter.error is None and not waiter.solo:
+                waiter.event.wait()
+                waiter.event.clear()
+                self._use_leads(waiter)
+        finally:
+            self._use_leads(waiter)
+        if waiter.solo:
+            return self._send_batch(items)
         if waiter.error is not None:
             raise waiter.error
         return waiter.results  # type: ignore[return-value]
+
+    def _use_leads(self, waiter: _Waiter) -> None:
+        while True:
+            with self._lock:
+                if not waiter.leads:
+                    return
+                waiter.leads -= 1
+            self._lead()
 
     def _take(self) -> list[_Waiter]:
         batch: list[_Waiter] = []
@@ -105,7 +113,7 @@ class Coalescer:
             with self._lock:
                 if self._queue:
                     successor = self._queue[0]
-                    successor.lead = True
+                    successor.leads += 1
                     successor.event.set()
                 else:
                     self._in_flight -= 1

@@ -103,3 +103,32 @@ def test_no_caller_is_left_waiting(in_flight):
     coalescer = Coalescer(send, max_in_flight=in_flight, max_batch=3)
     texts = [f"t{i}" for i in range(50)]
     assert hammer(coalescer, texts) == {t: t.upper() for t in texts}
+
+
+@pytest.mark.timeout(60)
+def test_sending_slots_are_never_lost_under_churn():
+    """Every slot handed out comes back: callers that keep arriving while batches finish
+    (a slot can be handed to the same queued caller twice) never leave the queue stranded."""
+    import random
+
+    send = Recorder()
+
+    def jittery(items):
+        time.sleep(random.random() * 0.002)
+        return send(items)
+
+    coalescer = Coalescer(jittery, max_in_flight=2)
+    done: list[int] = []
+
+    def worker(index: int) -> None:
+        for round_ in range(40):
+            assert coalescer.call([{"text": f"w{index}r{round_}"}]) == [f"W{index}R{round_}"]
+        done.append(index)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50)
+    assert sorted(done) == list(range(32))
+    assert coalescer._in_flight == 0 and not coalescer._queue
