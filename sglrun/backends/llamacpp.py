@@ -138,8 +138,10 @@ class LlamaCpp(ForcedScoring, Backend):
         n_threads: int | None = None,
         chat_template_name: str | None = None,
         verbose: bool = False,
+        prompt_cache_mib: int = 1024,
     ) -> None:
         self.n_parallel = check_int("n_parallel", n_parallel, 1)
+        self.prompt_cache_mib = check_int("prompt_cache_mib", prompt_cache_mib, 0)
         self.n_ctx = check_int("n_ctx", n_ctx, 256, optional=True) or self.n_parallel * 2048
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         self.n_threads = check_int("n_threads", n_threads, 1, optional=True) or cores or 2
@@ -164,9 +166,11 @@ class LlamaCpp(ForcedScoring, Backend):
         params.cpuparams.n_threads = self.n_threads
         params.cpuparams_batch.n_threads = self.n_threads
         params.cache_prompt = True
-        # Prefix reuse comes from each slot's own KV cache. llama.cpp's extra host-memory
-        # prompt cache is off: no endpoint can empty it, so flush_cache could not be honest.
-        params.cache_ram_mib = 0
+        # Prefix reuse: each slot's own KV cache, plus llama.cpp's host-memory prompt cache
+        # shared by all slots (many times faster when rows share a few-shot prefix and land on
+        # different slots). No endpoint can empty that cache: flush_cache says so by returning
+        # False unless prompt_cache_mib=0.
+        params.cache_ram_mib = self.prompt_cache_mib
         if not verbose:
             params.verbosity = -1  # silences llama.cpp
         # The engine also serves HTTP on a loopback port; only this object may use it.
@@ -547,10 +551,11 @@ class LlamaCpp(ForcedScoring, Backend):
             self._complete(dict(GREEDY, prompt=prefix, max_tokens=1, cache_prompt=True))
 
     def flush_cache(self, empty_cache: bool = True) -> bool:
-        """Erase every slot's KV cache; False if a slot was busy (or the engine is closed)."""
+        """Erase every slot's KV cache; False if a slot was busy, the engine is closed, or the
+        host-memory prompt cache (``prompt_cache_mib`` > 0), which cannot be emptied, is on."""
         if not self._holder:
             return False
-        erased = True
+        erased = self.prompt_cache_mib == 0
         for slot in range(self.n_parallel):
             try:
                 self._http_json("POST", f"/slots/{slot}?action=erase", {})

@@ -53,7 +53,7 @@ def backend():
 
     # One compute thread: on a small machine shared with other jobs, llama.cpp's spinning
     # worker threads slow down by 10x when a core is taken away; one thread degrades gently.
-    engine = LlamaCpp(n_parallel=8, n_threads=1)
+    engine = LlamaCpp(n_parallel=8, n_threads=1, prompt_cache_mib=0)
     yield engine
     engine.shutdown()
 
@@ -426,6 +426,18 @@ def test_info_template_and_cache(backend):
     assert again.meta_info["cached_tokens"] == 0
     template = backend.get_chat_template()
     assert template is not None
+
+
+@model
+def test_flush_cache_is_honest_about_the_host_prompt_cache():
+    from sglrun.backends.llamacpp import LlamaCpp
+
+    engine = LlamaCpp(n_parallel=1, n_ctx=512, n_threads=1)  # prompt cache on by default
+    try:
+        assert engine.prompt_cache_mib > 0
+        assert engine.flush_cache() is False
+    finally:
+        engine.shutdown()
 
 
 @model
