@@ -308,18 +308,18 @@ class Bench:
                         row.status = "SKIPPED"
                         break
                 if index == last and self.s.budget_s and rates:
-                    # Keep the whole run inside the time budget: at the slowest rate seen so far,
-                    # with a margin, run only the rows the time left allows; and stop the run
-                    # (keeping its peak RSS so far) if it is slower still.
+                    # Keep the whole run inside the time budget: at the rate of the largest run
+                    # so far, with a margin, run only the rows the time left allows; and stop
+                    # the run (keeping its peak RSS so far) if it is slower still.
                     left = self.s.budget_s - (time.perf_counter() - self.started) - 8
-                    size = min(size, int(min(rates) * left * 0.85) // 10_000 * 10_000)
+                    size = min(size, int(rates[-1] * left * 0.8) // 10_000 * 10_000)
                     limit = max(1.0, left)
                     if size <= sizes[index - 1]:
                         row = self.row(key, n=f"{asked:,}")
                         row.result = "not run: no time left in the budget"
                         row.reference = (
-                            f"at {min(rates):,.0f} rows/s {asked:,} rows take "
-                            f"{asked / min(rates):,.0f} s; `--budget 0` runs it anyway"
+                            f"at {rates[-1]:,.0f} rows/s {asked:,} rows take "
+                            f"{asked / rates[-1]:,.0f} s; `--budget 0` runs it anyway"
                         )
                         row.status = "SKIPPED"
                         break
@@ -684,7 +684,7 @@ METHOD = """\
   as a child process; its peak RSS is the `ru_maxrss` that `os.wait4` returns for that one
   child. Growth per row is (peak at the largest size - peak at the smallest) / rows between.
   The whole run has a time budget (`--budget`, 550 s): the largest size shrinks to the rows the
-  time left allows at the slowest rate seen, and a run still going when the budget ends is
+  time left allows at the rate of the run before it, and a run still going when the budget ends is
   stopped, its peak RSS and records written so far counted (both say so in the table).
 - **(4)** `bench/fork.py`: `fork(5)`, one gen per fork, join, one more gen; the server holds each
   answer 200 ms, so 0.4 s is the floor. Median of warm runs (the first run opens connections).

@@ -103,6 +103,7 @@ def test_fault_loses_nothing(name, outcome_of, clean_vars):
 
 
 def test_retry_after_is_honoured(outcome_of):
+    judged = 0
     for name in ("429", "429-short"):
         outcome = outcome_of(name)
         wait = float(outcome.scenario.faults.retry_after)
@@ -114,13 +115,15 @@ def test_retry_after_is_honoured(outcome_of):
             for before, after in zip(attempts, attempts[1:]):
                 if before.outcome == "rate_limit":
                     gaps.append(after.time - before.time)
-        # (requests that arrive together travel as one list request: few 429s in all)
-        assert len(gaps) >= 5, f"{name}: too few 429s were retried to judge ({len(gaps)})"
+        # (requests that arrive together travel as one list request: few 429s at a 5 % rate)
+        assert gaps, f"{name}: no 429 was retried"
+        judged += len(gaps)
         early = [gap for gap in gaps if gap < wait - 0.05]
         assert not early, f"{name}: {len(early)} retries before Retry-After {wait}s: {early[:5]}"
         assert max(gaps) < wait + 2.0, f"{name}: a retry waited {max(gaps):.2f}s"
         logged = [line for line in outcome.retry_lines if line.endswith(f"in {wait:.2f} s")]
         assert len(logged) >= len(gaps) * 0.9, "the -v log does not show the Retry-After wait"
+    assert judged >= 10, f"too few 429s were retried to judge ({judged})"
 
 
 def test_permanent_failures_are_the_error_records(outcome_of):
