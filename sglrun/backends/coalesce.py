@@ -56,7 +56,7 @@ class Coalescer:
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.latency_threshold = latency_threshold
-        self.latency = 0.0  # moving average of a round trip, in seconds
+        self.latency = 0.0  # moving average of a lone request's round trip, in seconds
         self._lock = threading.Lock()
         self._queue: deque[_Waiter] = deque()
         self._in_flight = 0
@@ -125,7 +125,8 @@ class Coalescer:
         started = time.perf_counter()
         try:
             results = self._send_batch(items)
-            self.latency += (time.perf_counter() - started - self.latency) * 0.2
+            if len(items) == 1:  # a lone request measures the server, not the batch size
+                self.latency += (time.perf_counter() - started - self.latency) * 0.2
         except ServerError as exc:
             if len(batch) == 1:
                 return self._finish(batch, error=exc)

@@ -464,11 +464,20 @@ class LlamaCpp(ForcedScoring, Backend):
         self, prompt: str, plan: _Plan, on_chunk: ChunkCallback | None
     ) -> tuple[str, dict[str, Any]]:
         """One sample: text and meta info."""
-        watcher = StopWatcher(
-            plan.stop, plan.stop_regex, () if plan.ignore_eos else plan.stop_token_ids
+        stop_ids = () if plan.ignore_eos else plan.stop_token_ids
+        # Plain stop strings with nothing streamed: llama.cpp stops on them itself, with no
+        # per-token callback into Python (the engine then runs as fast as a bare loop).
+        native = (
+            on_chunk is None and not plan.stop_regex and not stop_ids and plan.min_new == 0
+            and isinstance(self._native_match(plan.stop), str)
+        )  # fmt: skip
+        watcher = StopWatcher((), (), ()) if native else StopWatcher(
+            plan.stop, plan.stop_regex, stop_ids
         )
         want_ids = plan.return_logprob or watcher.needs_token_ids
         base = dict(plan.body, prompt=prompt)
+        if native:
+            base["stop"] = list(plan.stop)
         if want_ids:
             base["logprobs"] = max(1, plan.top_n)
         segments: list[_Segment] = []
@@ -496,6 +505,8 @@ class LlamaCpp(ForcedScoring, Backend):
         completion = sum(s.completion_tokens for s in segments)
         if watcher.stopped:
             finish: dict[str, Any] = {"type": "stop", "matched": watcher.matched}
+        elif segments[-1].finish == "stop" and native:
+            finish = {"type": "stop", "matched": self._native_match(plan.stop)}
         elif segments[-1].finish == "stop":
             last = int(records[-1]["id"]) if records and want_ids else self._eos_id
             finish = {"type": "stop", "matched": last}
@@ -516,6 +527,15 @@ class LlamaCpp(ForcedScoring, Backend):
                 top_entries(r, plan.top_n, plan.with_text, self._piece) for r in records
             ]
         return watcher.final_text(), meta
+
+    def _native_match(self, stops: tuple[str, ...]) -> str | int | None:
+        """What ended a natively stopped generation: llama.cpp does not say, so the native
+        path is used only when one stop string (the end-of-text token aside) could have."""
+        end_text = self._piece(self._eos_id) if self._eos_id is not None else None
+        words = [stop for stop in stops if stop != end_text]
+        if not words:
+            return self._eos_id
+        return words[0] if len(words) == 1 else None
 
     def _piece(self, token: int) -> str:
         """The text of one token, special tokens included (cached)."""
