@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/sglrun batch programs/summarize.py sample_data/summarize.jsonl --limit 6 -o demo_output.jsonl
+	$(BIN)/sglrun batch programs/summarize.py sample_data/summarize.jsonl --id-field id --limit 6 -o demo_output.jsonl
 	@echo "--- first records of demo_output.jsonl ---"
 	@head -n 3 demo_output.jsonl
 

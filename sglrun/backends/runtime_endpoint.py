@@ -27,31 +27,15 @@ from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.backends.openai_constraints import apply_dtype
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
 from sglrun.lang.choices import ChoicesDecision, decide
-from sglrun.lang.ir import SamplingParams
+from sglrun.lang.ir import SAMPLING_FIELDS, SamplingParams
 
 __all__ = ["RuntimeEndpoint"]
 
-# SamplingParams fields sent inside "sampling_params" (None values are left out).
-_SAMPLING_KEYS = (
-    "max_new_tokens",
-    "min_new_tokens",
-    "n",
-    "stop",
-    "stop_token_ids",
-    "stop_regex",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "ignore_eos",
-    "regex",
-    "json_schema",
-)
 # Fields sent at the top level of the request.
 _TOP_LEVEL_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
                    "return_text_in_logprobs")
+# The rest of SamplingParams (dtype aside: it becomes a regex) goes in "sampling_params".
+_SAMPLING_KEYS = tuple(f for f in SAMPLING_FIELDS if f not in (*_TOP_LEVEL_KEYS, "dtype"))
 
 
 def sampling_payload(params: SamplingParams) -> dict[str, Any]:

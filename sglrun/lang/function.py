@@ -54,26 +54,6 @@ def check_sampling(where: str, values: dict[str, Any]) -> None:
                 raise InvalidArgumentError(f"{where}: {key} must be a str or a list of str")
 
 
-_RUN_SAMPLING = (
-    "max_new_tokens",
-    "n",
-    "stop",
-    "stop_token_ids",
-    "stop_regex",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "ignore_eos",
-    "return_logprob",
-    "logprob_start_len",
-    "top_logprobs_num",
-    "return_text_in_logprobs",
-)
-
-
 class SglFunction:
     """A program: a Python function whose first parameter is the state ``s``."""
 
