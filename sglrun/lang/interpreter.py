@@ -109,6 +109,7 @@ class Executor:
         self.fork_start_text_pos = 0
         self.speculated_text = ""
         self.spec_terms: list[Any] | None = None  # an assistant turn being collected
+        self._scope_starts: dict[str, int] = {}  # open var_scopes: name -> text position
         self.error_: BaseException | None = None
         self.finished = not stream  # a streaming run is live until the program returns
 
@@ -331,7 +332,7 @@ class Executor:
         self._produce(name, value, meta)
 
     def _streamed_gen(self, name: str | None, params: SamplingParams) -> Any:
-        key = name if name is not None else None
+        key = name
         with self._cond:
             if key is not None:
                 self.variables[key] = ""
@@ -458,11 +459,10 @@ class Executor:
         self.fill(str(executor.get_var(expr.name)))
 
     def visit_var_scope_begin(self, expr: SglVarScopeBegin) -> None:
-        self._scope_starts = getattr(self, "_scope_starts", {})
         self._scope_starts[expr.name] = len(self.text_)
 
     def visit_var_scope_end(self, expr: SglVarScopeEnd) -> None:
-        starts = getattr(self, "_scope_starts", {})
+        starts = self._scope_starts
         if expr.name not in starts:
             raise ProgramError(f"var_scope {expr.name!r} ended but never began")
         self._produce(expr.name, self.text_[starts.pop(expr.name) :])

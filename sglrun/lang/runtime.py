@@ -192,16 +192,15 @@ def shared_prefix(
 ) -> str:
     """The prompt text every run starts with: what precedes the first argument-dependent text
     or generation, found by two dry runs."""
-    samples = rows or [{}, {}]
+    if rows:
+        samples = rows[:2]
+    else:  # distinct markers per run: the texts part where the first argument appears
+        samples = [{p.name: f"\x00{i}{p.name}" for p in function.arg_params} for i in (0, 1)]
     texts = []
-    for index, row in enumerate(samples[:2]):
-        marked = {k: v for k, v in row.items()}
-        if not rows:
-            marked = {p.name: f"\x00{index}{p.name}" for p in function.arg_params}
-        state = dry_run(function, marked, chat_template)
-        text = state.text()
-        cut = text.find("{")
-        texts.append(text if cut < 0 else text[: cut if cut >= 0 else len(text)])
+    for row in samples:
+        text = dry_run(function, row, chat_template).text()
+        cut = text.find("{")  # a gen's dry-run placeholder: nothing after it is shared
+        texts.append(text if cut < 0 else text[:cut])
     first, second = texts[0], texts[-1]
     length = 0
     for a, b in zip(first, second):
