@@ -42,6 +42,7 @@ class Anthropic(Backend):
 
     name = "Anthropic"
     is_chat_model = True
+    cooperative = True  # its HTTP waits park on the hub
 
     def __init__(
         self,

@@ -92,6 +92,10 @@ class Backend:
     name: str = "backend"
     #: True when the server only takes chat messages (the prompt text is not sent as-is).
     is_chat_model: bool = False
+    #: True when calling it from a program on a hub (``sglrun.lang.hub``) never blocks the
+    #: thread: all its waiting goes through the hub (HTTP backends). Other backends are
+    #: called from the hub's worker threads.
+    cooperative: bool = False
 
     def get_chat_template(self) -> ChatTemplate:
         from sglrun.lang.chat_template import get_chat_template

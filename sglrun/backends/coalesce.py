@@ -6,6 +6,10 @@ everything queued so far, hands each waiting caller its result, and passes the s
 next queued caller. With few callers every request goes alone (no added latency); under load
 batches grow by themselves, so the cost of an HTTP round trip is shared by many programs.
 
+Inside a batch run on a hub (``sglrun.lang.hub``) there are no threads to lead or follow:
+each program's items are gathered by the hub, which sends them together from a worker thread
+while it runs the next programs; ``send_together`` is the policy both ways share.
+
 Coalescing pays when a round trip is short (the client's per-request cost is then what limits
 throughput). When round trips are long (a model generating for real), every item of a list
 request would wait for the slowest one, so once the measured round trip exceeds
@@ -17,14 +21,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sglrun.errors import ServerError
+from sglrun.lang.hub import current_hub
 
 __all__ = ["Coalescer"]
 
 SendBatch = Callable[[list[dict[str, Any]]], list[Any]]
+
+SOLO = object()
+"""A group's outcome when the server refused the batch: send your own items alone."""
+
+PROBE_INTERVAL = 1.0  # seconds between lone requests that measure the server on a hub
 
 
 class _Waiter:
@@ -57,6 +67,7 @@ class Coalescer:
         self.max_in_flight = max_in_flight
         self.latency_threshold = latency_threshold
         self.latency = 0.0  # moving average of a lone request's round trip, in seconds
+        self._last_probe = 0.0
         self._lock = threading.Lock()
         self._queue: deque[_Waiter] = deque()
         self._in_flight = 0
@@ -65,6 +76,9 @@ class Coalescer:
 
     def call(self, items: list[dict[str, Any]]) -> list[Any]:
         """Send ``items`` (alone or with others) and return their results in order."""
+        hub = current_hub()
+        if hub is not None:
+            return self._call_on_hub(hub, items)
         waiter = _Waiter(items)
         with self._lock:
             self._queue.append(waiter)
@@ -84,6 +98,43 @@ class Coalescer:
         if waiter.error is not None:
             raise waiter.error
         return waiter.results  # type: ignore[return-value]
+
+    def _call_on_hub(self, hub: Any, items: list[dict[str, Any]]) -> list[Any]:
+        now = time.monotonic()
+        if self.latency > self.latency_threshold or now - self._last_probe > PROBE_INTERVAL:
+            # A slow server (or a due measurement): no batch, so no wait for the slowest item.
+            self._last_probe = now
+            return hub.call_blocking(self._send_timed, items)
+        outcome = hub.gather(self, items)
+        if outcome is SOLO:
+            return hub.call_blocking(self._send_batch, items)
+        return outcome  # type: ignore[no-any-return]
+
+    def _send_timed(self, items: list[dict[str, Any]]) -> list[Any]:
+        return self.send_together([items])[0]  # type: ignore[no-any-return]
+
+    def send_together(self, groups: Sequence[list[dict[str, Any]]]) -> list[Any]:
+        """One request for every group's items; per group its results, or ``SOLO`` when the
+        server refused a batch of several groups (a transport failure raises)."""
+        items = [item for group in groups for item in group]
+        self.batches += 1
+        self.items += len(items)
+        started = time.perf_counter()
+        try:
+            results = self._send_batch(items)
+        except ServerError:
+            if len(groups) == 1:
+                raise
+            # The server answered but refused the batch: one row's bad request (or a
+            # poisoned row) must not fail the others, so each caller resends its own items.
+            return [SOLO] * len(groups)
+        if len(items) == 1:  # a lone request measures the server, not the batch size
+            self.latency += (time.perf_counter() - started - self.latency) * 0.2
+        outcomes, position = [], 0
+        for group in groups:
+            outcomes.append(results[position : position + len(group)])
+            position += len(group)
+        return outcomes
 
     def _use_leads(self, waiter: _Waiter) -> None:
         while True:
@@ -119,30 +170,15 @@ class Coalescer:
                     self._in_flight -= 1
 
     def _deliver(self, batch: list[_Waiter]) -> None:
-        items = [item for waiter in batch for item in waiter.items]
-        self.batches += 1
-        self.items += len(items)
-        started = time.perf_counter()
         try:
-            results = self._send_batch(items)
-            if len(items) == 1:  # a lone request measures the server, not the batch size
-                self.latency += (time.perf_counter() - started - self.latency) * 0.2
-        except ServerError as exc:
-            if len(batch) == 1:
-                return self._finish(batch, error=exc)
-            # The server answered but refused the batch: one row's bad request (or a
-            # poisoned row) must not fail the others, so each caller resends its own items,
-            # in its own thread, with its own retries.
-            for waiter in batch:
-                waiter.solo = True
-                waiter.event.set()
-            return None
-        except Exception as exc:  # transport failure: every caller in the batch sees it
+            outcomes = self.send_together([waiter.items for waiter in batch])
+        except Exception as exc:  # every caller in the batch sees it
             return self._finish(batch, error=exc)
-        position = 0
-        for waiter in batch:
-            waiter.results = results[position : position + len(waiter.items)]
-            position += len(waiter.items)
+        for waiter, outcome in zip(batch, outcomes):
+            if outcome is SOLO:
+                waiter.solo = True  # resends in its own thread, with its own retries
+            else:
+                waiter.results = outcome
             waiter.event.set()
         return None
 

@@ -53,6 +53,7 @@ class FakeBackend(Backend):
         self._choose = choose
         self._placeholders = placeholders
         self.delay = delay
+        self.cooperative = not delay  # a delay sleeps: run it on the hub's worker threads
         self.is_chat_model = is_chat_model
         self.template = (
             get_chat_template(chat_template) if isinstance(chat_template, str) else chat_template

@@ -27,6 +27,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError, SSLError
 
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
+from sglrun.lang.hub import current_hub
 
 __all__ = [
     "DEFAULT_RETRIES",
@@ -336,6 +337,11 @@ class HTTPTransport:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Send a request and return the parsed JSON answer (or its text if not JSON)."""
+        hub = current_hub()
+        if hub is not None:  # a program on a hub: wait on a worker thread, not the hub's
+            return hub.call_blocking(
+                self.request, method, path, body, timeout=timeout, headers=headers
+            )
         response, endpoint = self._send(method, path, body, timeout, headers, stream=False)
         data = response.data
         content_type = response.headers.get("Content-Type", "")
@@ -362,7 +368,14 @@ class HTTPTransport:
     ) -> Iterator[SSEEvent]:
         """Send a request and yield its Server-Sent Events until ``data: [DONE]`` or the end of
         the body. An ``error`` event (or a data payload that is only an error) raises
-        ``ServerError``. Retries happen only before the first byte of the body is read."""
+        ``ServerError``. Retries happen only before the first byte of the body is read.
+        On a hub the whole stream is read on a worker thread, then replayed."""
+        hub = current_hub()
+        if hub is not None:
+            yield from hub.call_blocking(
+                lambda: list(self.stream(method, path, body, timeout=timeout, headers=headers))
+            )
+            return
         hdrs = {"Accept": "text/event-stream", **dict(headers or {})}
         response, endpoint = self._send(method, path, body, timeout, hdrs, stream=True)
         url = endpoint.url + path

@@ -56,6 +56,7 @@ from sglrun.errors import (
     UnsupportedCapabilityError,
 )
 from sglrun.lang.choices import ChoicesDecision, decide
+from sglrun.lang.hub import current_hub
 from sglrun.lang.ir import SamplingParams
 
 __all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]
@@ -107,6 +108,7 @@ class OpenAI(Backend):
     a URL without a path gets ``/v1``. A list of URLs spreads requests over equal servers."""
 
     name = "OpenAI"
+    cooperative = True  # its HTTP waits park on the hub
 
     def __init__(
         self,
@@ -193,6 +195,9 @@ class OpenAI(Backend):
     def dialect(self) -> str:
         """Which constraint parameters the server takes: "llamacpp", "vllm" or "none"."""
         if self._dialect is None:
+            hub = current_hub()
+            if hub is not None:  # never hold a lock across a park: detect on a worker
+                return hub.call_blocking(lambda: self.dialect)  # type: ignore[no-any-return]
             with self._lock:
                 if self._dialect is None:
                     found, certain = self._detect_dialect()

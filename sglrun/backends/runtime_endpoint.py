@@ -9,6 +9,7 @@ only the choices' tokens.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections.abc import Sequence
@@ -41,12 +42,13 @@ _SAMPLING_KEYS = tuple(f for f in SAMPLING_FIELDS if f not in (*_TOP_LEVEL_KEYS,
 def sampling_payload(params: SamplingParams) -> dict[str, Any]:
     """The ``sampling_params`` object of a /generate request."""
     out: dict[str, Any] = {}
-    for key in _SAMPLING_KEYS:
-        value = getattr(params, key)
-        if value is None:
-            continue
-        out[key] = list(value) if isinstance(value, tuple) else value
+    for key, value in zip(_SAMPLING_KEYS, _sampling_values(params)):
+        if value is not None:
+            out[key] = list(value) if type(value) is tuple else value
     return out
+
+
+_sampling_values = operator.attrgetter(*_SAMPLING_KEYS)
 
 
 class RuntimeEndpoint(Backend):
@@ -54,6 +56,7 @@ class RuntimeEndpoint(Backend):
 
     name = "SGLang runtime"
     support_concate_and_append = False
+    cooperative = True  # its HTTP waits park on the hub
 
     def __init__(
         self,

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import greenlet
+
 from sglrun.backends.base import Backend, GenerateRequest, ImageData, SelectRequest
 from sglrun.errors import (
     InvalidArgumentError,
@@ -28,6 +30,7 @@ from sglrun.errors import (
     VariableNotProducedError,
 )
 from sglrun.lang.chat_template import ChatTemplate
+from sglrun.lang.hub import Hub, current_hub
 from sglrun.lang.ir import (
     SamplingParams,
     SglConcateAndAppend,
@@ -118,9 +121,12 @@ class Executor:
         self._busy = False
         self._pending: set[str] = set()
         self._streaming_vars: set[str] = set()
-        # The thread running the program itself: it produces this state's variables, so it
-        # must never wait for one (that would wait for itself).
-        self.owner_thread: int | None = None
+        # The greenlet (a thread's own, or a task on a hub) running the program itself: it
+        # produces this state's variables, so it must never wait for one (that would wait
+        # for itself).
+        self.owner: greenlet.greenlet | None = None
+        self._hub_waiters: list[greenlet.greenlet] = []
+        self.hub: Hub | None = None  # the hub this (forked) state's expressions run on
 
     # ----------------------------------------------------------------- submission
     def submit(self, expr: SglExpr | str) -> None:
@@ -142,14 +148,19 @@ class Executor:
             if self._busy:
                 return
             self._busy = True
-        _shared_fork_pool().submit(self._drain)
+        hub = current_hub()
+        if hub is not None:  # forks of a program on a hub are tasks of the same hub
+            self.hub = hub
+            hub.spawn(self._drain)
+        else:
+            _shared_fork_pool().submit(self._drain)
 
     def _drain(self) -> None:
         while True:
             with self._cond:
                 if not self._queue:
                     self._busy = False
-                    self._cond.notify_all()
+                    self._notify_all()
                     return
                 expr = self._queue.popleft()
             if self.error_ is None:
@@ -163,7 +174,7 @@ class Executor:
         finally:
             if self.stream or self.concurrent:
                 with self._cond:
-                    self._cond.notify_all()
+                    self._notify_all()
 
     def fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -172,7 +183,42 @@ class Executor:
             self._queue.clear()
             self._pending.clear()
             self._streaming_vars.clear()
-            self._cond.notify_all()
+            self._notify_all()
+
+    def _wait(self) -> None:
+        """Wait (holding ``_cond``) for a notify. A task on a hub parks instead of blocking
+        the thread, so the hub runs the tasks that will notify it."""
+        hub = current_hub()
+        if hub is None:
+            if self.hub is not None and greenlet.getcurrent() is self.hub.main:
+                self._cond.release()  # the hub's own thread reads a fork: run the hub a step
+                try:
+                    self.hub.step()
+                finally:
+                    self._cond.acquire()
+            else:
+                self._cond.wait()
+            return
+        self._hub_waiters.append(greenlet.getcurrent())
+        self._cond.release()  # never park holding a lock another task may need
+        try:
+            hub.park()
+        finally:
+            self._cond.acquire()
+
+    def _notify_all(self) -> None:
+        self._cond.notify_all()
+        if self._hub_waiters:
+            waiters, self._hub_waiters = self._hub_waiters, []
+            for waiter in waiters:
+                waiter.hub.wake(waiter)
+
+    def call_backend(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call the backend; on a hub, one that would block the thread runs on a worker."""
+        hub = current_hub()
+        if hub is None or (self.backend.cooperative and "on_chunk" not in kwargs):
+            return method(*args, **kwargs)
+        return hub.call_blocking(method, *args, **kwargs)
 
     def sync(self) -> None:
         """Wait until every queued expression has run."""
@@ -180,20 +226,20 @@ class Executor:
             return
         with self._cond:
             while self._busy:
-                self._cond.wait()
+                self._wait()
 
     def end(self) -> None:
         """The program returned: readers stop waiting for more text."""
         self.sync()
         with self._cond:
             self.finished = True
-            self._cond.notify_all()
+            self._notify_all()
 
     # ----------------------------------------------------------------- reading
     def get_var(self, name: str) -> Any:
         with self._cond:
             while self._still_coming(name):
-                self._cond.wait()
+                self._wait()
             if name in self.variables and name not in self._streaming_vars:
                 return self.variables[name]
             raise VariableNotProducedError(name, self.error_)
@@ -201,7 +247,7 @@ class Executor:
     def _still_coming(self, name: str) -> bool:
         if self.error_ is not None:
             return False
-        if not self.concurrent and threading.get_ident() == self.owner_thread:
+        if not self.concurrent and greenlet.getcurrent() is self.owner:
             return False
         if name in self._streaming_vars:
             return True
@@ -212,14 +258,14 @@ class Executor:
     def get_meta_info(self, name: str) -> Any:
         with self._cond:
             while self._still_coming(name):
-                self._cond.wait()
+                self._wait()
             return self.meta_info.get(name)
 
     def set_var(self, name: str, value: Any) -> None:
         with self._cond:
             self.variables[name] = value
             self._pending.discard(name)
-            self._cond.notify_all()
+            self._notify_all()
 
     def _produce(self, name: str | None, value: Any, meta: Any = None) -> None:
         if name is None:
@@ -230,7 +276,7 @@ class Executor:
                 self.meta_info[name] = meta
             self._pending.discard(name)
             self._streaming_vars.discard(name)
-            self._cond.notify_all()
+            self._notify_all()
 
     def wait_for_change(self, seen: int, var: str | None) -> tuple[str, bool]:
         """For streaming readers: block until text (or ``var``) grows past ``seen``; return
@@ -241,7 +287,7 @@ class Executor:
                 done = self._stream_done(var)
                 if len(current) > seen or done:
                     return current[seen:], done
-                self._cond.wait()
+                self._wait()
 
     def _current(self, var: str | None) -> str:
         if var is None:
@@ -318,7 +364,7 @@ class Executor:
         if self.stream and params.n in (None, 1):
             result = self._streamed_gen(name, params)
         else:
-            result = self.backend.generate(self._request(params, name))
+            result = self.call_backend(self.backend.generate, self._request(params, name))
         meta = dict(result.meta_info)
         meta.setdefault("e2e_latency", time.perf_counter() - started)
         text = result.text
@@ -343,9 +389,11 @@ class Executor:
                 self.text_ += piece
                 if key is not None:
                     self.variables[key] += piece
-                self._cond.notify_all()
+                self._notify_all()
 
-        result = self.backend.generate(self._request(params, name), on_chunk=on_chunk)
+        result = self.call_backend(
+            self.backend.generate, self._request(params, name), on_chunk=on_chunk
+        )
         # Backends report the final text too; trust it if streaming delivered less.
         final = result.text if isinstance(result.text, str) else ""
         streamed = self.variables.get(key, "") if key is not None else final
@@ -361,7 +409,7 @@ class Executor:
             spec = SamplingParams().overridden_by(params)
             spec.max_new_tokens = max(params.max_new_tokens or 0, self.num_api_spec_tokens or 0)
             spec.stop = ()
-            result = self.backend.generate(self._request(spec))
+            result = self.call_backend(self.backend.generate, self._request(spec))
             self.speculated_text = result.text if isinstance(result.text, str) else result.text[0]
             meta = dict(result.meta_info)
         positions = [self.speculated_text.find(s) for s in stops]
@@ -391,7 +439,7 @@ class Executor:
             images=self.images_,
             name=expr.name,
         )
-        decision = self.backend.select(request)
+        decision = self.call_backend(self.backend.select, request)
         self.fill(decision.decision)
         self._produce(expr.name, decision.decision, decision.meta_info)
 

@@ -7,6 +7,7 @@ new node type without a rule fails with ``UnsupportedNodeError`` instead of fall
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -114,20 +115,23 @@ class SamplingParams:
 
     def overridden_by(self, other: SamplingParams) -> SamplingParams:
         """A copy of self with every field that ``other`` sets replaced."""
-        merged = dataclasses.replace(self)
-        for name in SAMPLING_FIELDS:
-            value = getattr(other, name)
-            if value is not None:
-                setattr(merged, name, value)
-        return merged
+        # Positional construction from two tuples: this runs for every gen of every program.
+        return SamplingParams(
+            *[a if b is None else b for a, b in zip(_all_fields(self), _all_fields(other))]
+        )
 
     def with_extra_stop(self, extra: Sequence[str]) -> SamplingParams:
-        if not extra:
-            return self
-        merged = dataclasses.replace(self)
         current = tuple(self.stop or ())
-        merged.stop = current + tuple(s for s in extra if s not in current)
+        added = tuple(s for s in extra if s not in current)
+        if not added:
+            return self
+        merged = SamplingParams(*_all_fields(self))
+        merged.stop = current + added
         return merged
+
+
+_all_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(SamplingParams)))
+assert tuple(f.name for f in dataclasses.fields(SamplingParams)) == SAMPLING_FIELDS
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...] | None:

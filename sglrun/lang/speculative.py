@@ -92,7 +92,7 @@ def fill_turn(executor: Any, terms: list[SpecTerm]) -> None:
     values = None
     completion = ""
     for _ in range(MAX_TRIES):
-        result = executor.backend.generate(request)
+        result = executor.call_backend(executor.backend.generate, request)
         completion = result.text if isinstance(result.text, str) else result.text[0]
         meta = dict(result.meta_info)
         values = match_template(terms, completion)

@@ -202,3 +202,16 @@ def test_key_from_environment(stub, monkeypatch):
     with pytest.raises(InvalidArgumentError, match="ANTHROPIC_API_KEY"):
         Anthropic("claude-test", base_url=stub.url)
     assert Anthropic("claude-test", api_key=KEY).get_chat_template().name == "claude"
+
+
+def test_run_batch_on_the_hub(claude):
+    import sglrun as sgl
+
+    @sgl.function
+    def turn(s, i):
+        s += sgl.user(f"Question {i}")
+        s += sgl.assistant(sgl.gen("answer", max_tokens=8))
+
+    states = turn.run_batch([{"i": i} for i in range(6)], backend=claude)
+    assert [s.error() for s in states] == [None] * 6
+    assert all(s["answer"] for s in states)

@@ -394,3 +394,32 @@ def test_dialect_is_asked_again_after_server_errors(vllm):
     assert backend.dialect == "vllm"
     assert len(vllm.requests) == 3
     assert backend.dialect == "vllm" and len(vllm.requests) == 3  # now cached
+
+
+@pytest.mark.model
+def test_run_batch_on_the_hub_against_llamacpp(completion):
+    """run_batch on the OpenAI backend runs programs as hub tasks: requests are sent from
+    worker threads, constraints and select still hold."""
+    import sglrun as sgl
+
+    senders: set[int] = set()
+    send = completion.transport._send
+
+    def recording_send(*args, **kwargs):
+        senders.add(threading.get_ident())
+        return send(*args, **kwargs)
+
+    @sgl.function
+    def row(s, i):
+        s += f"Item {i}. A number:" + sgl.gen("n", max_tokens=6, regex=r" [0-9]{1,3}")
+        s += "\nGood?" + sgl.select("ok", choices=[" yes", " no"])
+
+    completion.transport._send = recording_send
+    try:
+        states = row.run_batch([{"i": i} for i in range(6)], backend=completion, temperature=0)
+    finally:
+        completion.transport._send = send
+    assert [s.error() for s in states] == [None] * 6
+    assert all(re.fullmatch(r" [0-9]{1,3}", s["n"]) for s in states)
+    assert all(s["ok"] in (" yes", " no") for s in states)
+    assert senders and threading.get_ident() not in senders

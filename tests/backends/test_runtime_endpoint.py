@@ -268,3 +268,37 @@ def test_concurrent_requests_coalesce_into_list_requests(stub, backend):
         for text, params in zip(body["text"], body["sampling_params"]):
             assert params["max_new_tokens"] == 1 + int(text.split()[1][:-1]) % 3
     assert sorted(results) == list(range(24))
+
+
+def test_run_batch_runs_on_the_hub_and_coalesces_into_list_requests(stub, backend):
+    """run_batch on RuntimeEndpoint: programs are hub tasks whose requests go out together
+    (SGLang's list form) from worker threads, each item with its own parameters."""
+    import threading
+
+    import sglrun as sgl
+
+    @sgl.function
+    def row(s, i):
+        s += f"row {i}:" + sgl.gen("x", max_tokens=1 + i % 3)
+        s += " verdict:" + sgl.select("v", choices=[" yes", " no"])
+
+    senders: set[int] = set()
+    send = backend.transport._send
+
+    def recording_send(*args, **kwargs):
+        senders.add(threading.get_ident())
+        return send(*args, **kwargs)
+
+    backend.transport._send = recording_send
+    states = row.run_batch([{"i": i} for i in range(40)], backend=backend, num_threads=20)
+    assert [s.error() for s in states] == [None] * 40
+    assert all(s["v"] in (" yes", " no") and s["x"] for s in states)
+    posted = stub.posted("/generate")
+    lists = [body for body in posted if isinstance(body["text"], list) and len(body["text"]) > 2]
+    assert lists, "no coalesced list request"
+    assert len(posted) < 40 * 3  # three requests per program when sent one by one
+    for body in lists:
+        for text, params in zip(body["text"], body["sampling_params"]):
+            if params.get("max_new_tokens"):  # a gen item (select items score, max 0)
+                assert params["max_new_tokens"] == 1 + int(text.split()[1][:-1]) % 3
+    assert threading.get_ident() not in senders  # the hub thread never waits on a socket
