@@ -38,6 +38,7 @@ KEYS = (
     "num_threads",
     "timeout",
     "retries",
+    "coalesce",
     "default_profile",
 )
 _SAMPLING = ("temperature", "max_new_tokens", "top_p", "top_k", "stop")
@@ -68,6 +69,7 @@ class Settings:
     num_threads: int | str = "auto"
     timeout: float = 600.0
     retries: int = 2
+    coalesce: bool = True  # SGLang: requests made together travel as one list request
     default_profile: str | None = None
     profile: str | None = None
     files: list[str] = field(default_factory=list)
@@ -162,6 +164,12 @@ def _integer(low: int) -> Callable[[Any], int]:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
+
+
 def _threads(value: Any) -> int | str:
     if value == "auto" or (_is_int(value) and value >= 1):
         return value
@@ -181,6 +189,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "num_threads": _threads,
     "timeout": _number(0, open_low=True),
     "retries": _integer(0),
+    "coalesce": _boolean,
     "default_profile": _string,
 }
 
@@ -200,6 +209,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be {bad.expected}, got {_shown(key, value)}") from None
 
 
+_BOOLEAN_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _from_text(key: str, text: str) -> Any:
     """An environment (or text flag) value in the type its key wants; checked afterwards."""
     text = text.strip()
@@ -215,6 +227,8 @@ def _from_text(key: str, text: str) -> Any:
             return int(text)
         except ValueError:
             return text
+    if key == "coalesce" and text.lower() in _BOOLEAN_TEXT:
+        return _BOOLEAN_TEXT[text.lower()]
     if key in ("temperature", "top_p", "timeout"):
         try:
             return float(text)

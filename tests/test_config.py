@@ -256,3 +256,14 @@ def test_user_dir_defaults_to_typer_app_dir(dirs, tmp_path, monkeypatch):
     monkeypatch.setattr("typer.get_app_dir", lambda name: str(app_dir) if name == "sglrun" else "")
     settings = load_settings(flags={}, config_file=None, profile=None, env={}, cwd=dirs[0])
     assert settings.retries == 9
+
+
+def test_coalesce_from_file_and_environment(dirs):
+    assert load(dirs).coalesce is True
+    write_project(dirs, "coalesce: false\n")
+    assert load(dirs).coalesce is False
+    assert load(dirs, env={"SGLRUN_COALESCE": "yes"}).coalesce is True
+    write_project(dirs, "coalesce: sometimes\n")
+    with pytest.raises(ConfigError, match="key 'coalesce' must be true or false, got str"):
+        load(dirs)
+

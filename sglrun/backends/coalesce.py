@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sglrun.errors import ServerError
 from sglrun.lang.hub import current_hub
 
 __all__ = ["Coalescer"]
@@ -32,7 +31,7 @@ __all__ = ["Coalescer"]
 SendBatch = Callable[[list[dict[str, Any]]], list[Any]]
 
 SOLO = object()
-"""A group's outcome when the server refused the batch: send your own items alone."""
+"""A group's outcome when its batch failed: send your own items alone."""
 
 PROBE_INTERVAL = 1.0  # seconds between lone requests that measure the server on a hub
 
@@ -114,19 +113,20 @@ class Coalescer:
         return self.send_together([items])[0]  # type: ignore[no-any-return]
 
     def send_together(self, groups: Sequence[list[dict[str, Any]]]) -> list[Any]:
-        """One request for every group's items; per group its results, or ``SOLO`` when the
-        server refused a batch of several groups (a transport failure raises)."""
+        """One request for every group's items; per group its results, or ``SOLO`` when a
+        batch of several groups failed (a lone group's failure raises)."""
         items = [item for group in groups for item in group]
         self.batches += 1
         self.items += len(items)
         started = time.perf_counter()
         try:
             results = self._send_batch(items)
-        except ServerError:
+        except Exception:
             if len(groups) == 1:
                 raise
-            # The server answered but refused the batch: one row's bad request (or a
-            # poisoned row) must not fail the others, so each caller resends its own items.
+            # The batch failed after its retries (a refusal, a timeout, a broken answer): one
+            # row's bad request or bad luck must not fail the others, so each caller resends
+            # its own items alone, with its own retries.
             return [SOLO] * len(groups)
         if len(items) == 1:  # a lone request measures the server, not the batch size
             self.latency += (time.perf_counter() - started - self.latency) * 0.2

@@ -13,20 +13,18 @@ No Rich here: progress and the streaming panel are callbacks the CLI supplies.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sglrun.batch.readers import Row, RowSource, convert_row, open_rows, param_specs
-from sglrun.batch.resume import prepare_resume
-from sglrun.batch.writers import OrderedEmitter, check_writable, make_record
-from sglrun.errors import InputError, InvalidArgumentError, SglrunError, VariableNotProducedError
+from sglrun.batch.readers import Row, convert_row, param_specs
+from sglrun.batch.writers import OrderedEmitter, make_record
+from sglrun.errors import InvalidArgumentError, SglrunError, VariableNotProducedError
+from sglrun.lang.hub import start_hub_thread
 from sglrun.lang.runtime import execute, new_state
 
 if TYPE_CHECKING:
@@ -37,14 +35,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INCLUDE_FIELDS",
-    "BatchInput",
     "BatchStats",
     "StreamSink",
     "count_tokens",
     "error_info",
-    "open_batch",
     "run_batch_file",
-    "stop_on_signals",
 ]
 
 logger = logging.getLogger("sglrun.batch")
@@ -198,27 +193,50 @@ class _Batch:
         self.source = source
         self.specs = param_specs(program.func)
         self.lock = threading.Condition()
+        self.threads = threads
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.workers: list[threading.Thread] = []
+        # Server backends: rows run as tasks of one hub thread (no thread per row, requests
+        # sent together); rows go to worker threads if programs block the hub in their code.
+        self.hub = (
+            start_hub_thread(threads, on_slow=self._hub_blocked)
+            if backend.cooperative and threads > 1
+            else None
+        )
+        if self.hub is None:
+            self._start_workers()
+
+    # ------------------------------------------------------------ workers
+    def _start_workers(self) -> None:
         self.workers = [
             threading.Thread(target=self._work, name=f"sglrun-row-{n}", daemon=True)
-            for n in range(threads)
+            for n in range(self.threads)
         ]
         for worker in self.workers:
             worker.start()
 
-    # ------------------------------------------------------------ workers
+    def _hub_blocked(self, blocked: float) -> None:
+        logger.warning(
+            "programs kept the batch thread blocked for %.2f s in their own code (not waiting "
+            "on the model); the rows not yet started run on threads",
+            blocked,
+        )
+
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
                 return
-            with self.lock:
-                if self.stop.is_set():  # queued but not started: leave it for a resume
-                    self.stats.in_flight -= 1
-                    self.lock.notify_all()
-                    continue
-                self.stats.running += 1
-            self._run_job(job)
+            self._start_job(job)
+
+    def _start_job(self, job: _Job) -> None:
+        with self.lock:
+            if self.stop.is_set():  # queued but not started: leave it for a resume
+                self.stats.in_flight -= 1
+                self.lock.notify_all()
+                return
+            self.stats.running += 1
+        self._run_job(job)
 
     def _run_job(self, job: _Job) -> None:
         row = job.row
@@ -315,7 +333,13 @@ class _Batch:
     def submit(self, position: int, row: Row) -> None:
         with self.lock:
             self.stats.in_flight += 1
-        self.jobs.put(_Job(position, row))
+        job = _Job(position, row)
+        if self.hub is not None and not self.hub.slow_seen:
+            self.hub.post(self._start_job, job)
+            return
+        if not self.workers:
+            self._start_workers()
+        self.jobs.put(job)
 
     def wait_for_slot(self, limit: int, stop: threading.Event) -> bool:
         """Block until fewer than ``limit`` rows are in flight; False if stopped meanwhile."""
@@ -355,6 +379,8 @@ class _Batch:
                 stop.set()
 
     def close(self) -> None:
+        if self.hub is not None:
+            self.hub.stop()
         for _ in self.workers:
             self.jobs.put(None)
 
@@ -533,72 +559,3 @@ class _KeyCheck:
                 f"{self.source}:{row.line}: key {key!r} fills no parameter of {self.program} "
                 f"({self.names}) and is ignored{hint} (--strict makes this an error)"
             )
-
-
-# ----------------------------------------------------------------------------- set-up
-
-
-@dataclass
-class BatchInput:
-    """A batch ready to run: the lazy rows and, for a resume, what the output already holds."""
-
-    source: RowSource
-    rows: Iterator[Row]
-    skip: set[str] = field(default_factory=set)
-    kept_failures: int = 0  # failed records of an earlier run that the resume keeps
-    repaired: bool = False  # a torn last line of the output was repaired
-    removed: int = 0  # failed records taken out of the output to run again
-
-
-def open_batch(
-    input_path: str,
-    output: str,
-    *,
-    fmt: str | None = None,
-    id_field: str | None = None,
-    limit: int | None = None,
-    resume: bool = False,
-    retry_errors: bool = False,
-) -> BatchInput:
-    """Everything that can fail before a row runs, failing now (InputError, one line): the
-    input opens and has a first row (a broken CSV header shows here), a resume's output is
-    scanned and repaired, and the output is writable."""
-    source = open_rows(input_path, fmt=fmt, id_field=id_field)
-    rows_iter = iter(source)
-    first = next(rows_iter, None)
-    if first is None:
-        raise InputError(f"{source.name}: no rows to run (the input is empty)")
-    rows: Iterator[Row] = itertools.chain([first], rows_iter)
-    if limit is not None:
-        rows = itertools.islice(rows, limit)
-    batch = BatchInput(source, rows)
-    if resume or retry_errors:
-        state = prepare_resume(output, retry_errors=retry_errors)
-        batch.skip = state.skip
-        batch.kept_failures = 0 if retry_errors else len(state.failed)
-        batch.repaired, batch.removed = state.repaired, state.removed
-    check_writable(output)
-    return batch
-
-
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C (or SIGTERM) sets ``stop``: no new rows, the rows in flight may finish. A second
-    Ctrl-C raises KeyboardInterrupt, which abandons them. Only in the main thread."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

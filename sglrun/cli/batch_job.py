@@ -58,7 +58,7 @@ class BatchJob:
 
     def prepare(self) -> None:
         """Open the input and output and build the backend; raises SglrunError (exit 2)."""
-        from sglrun.batch.runner import open_batch
+        from sglrun.batch.setup import open_batch
         from sglrun.cli.loader import auto_threads, build_backend
 
         self.batch = open_batch(
@@ -76,7 +76,8 @@ class BatchJob:
 
     def run(self) -> NoReturn:
         """Run every row, print the summary, and exit with the batch's code."""
-        from sglrun.batch.runner import run_batch_file, stop_on_signals
+        from sglrun.batch.runner import run_batch_file
+        from sglrun.batch.setup import stop_on_signals
         from sglrun.batch.writers import RecordWriter
         from sglrun.cli.display import BatchDisplay
 

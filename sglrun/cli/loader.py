@@ -321,6 +321,7 @@ def _new_backend(settings: Settings, name: str, insecure: bool) -> Backend:
             verify=verify,
             timeout=settings.timeout,
             retries=settings.retries,
+            coalesce=settings.coalesce,
         )
     if not settings.model:
         raise InputError(f"the {name} backend needs a model name: pass --model NAME")

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import greenlet
 
-__all__ = ["Batcher", "Hub", "Task", "current_hub"]
+__all__ = ["Batcher", "Hub", "Task", "current_hub", "start_hub_thread"]
 
 SLOW_SLICE = 0.02  # a task slice blocked longer than this (seconds) counts as blocking
 BLOCKED_LIMIT = 0.5  # blocked seconds (and a fifth of the hub's time) before on_slow
@@ -45,6 +45,9 @@ class Batcher(Protocol):
 
     def send_together(self, groups: Sequence[list[Any]]) -> list[Any]:
         """Send every group's items in one go; return one outcome per group."""
+
+
+_SPAWN, _STOP = object(), object()  # inbox markers: a posted task, the end of ``serve``
 
 
 def current_hub() -> Hub | None:
@@ -113,6 +116,7 @@ class Hub:
         self._outstanding = 0  # worker jobs and watched futures whose answer is still coming
         self._pending: dict[int, _Pending] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------ tasks
     def spawn(self, function: Callable[..., Any], *args: Any) -> Task:
@@ -120,6 +124,22 @@ class Hub:
         self.live += 1
         self._ready.append((task, None, None))
         return task
+
+    def post(self, function: Callable[..., Any], *args: Any) -> None:
+        """Spawn a task from any thread (the hub spawns it when it next looks at its inbox)."""
+        self._inbox.put((_SPAWN, (function, args), None, False))
+
+    def serve(self) -> None:
+        """Run tasks as they are posted until ``stop`` is posted (a hub on its own thread)."""
+        try:
+            while not self._stopping:
+                self.step()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """From any thread: let ``serve`` return; tasks still parked are abandoned."""
+        self._inbox.put((_STOP, None, None, False))
 
     def finished(self, task: Task) -> None:
         self.live -= 1
@@ -301,6 +321,10 @@ class Hub:
                 for position, task in enumerate(tasks):
                     outcome = None if error is not None else outcomes[position]
                     self._ready.append((task, outcome, error))
+            elif target is _SPAWN:
+                self.spawn(value[0], *value[1])
+            elif target is _STOP:
+                self._stopping = True
             elif target is not None:
                 self._ready.append((target, value, error))
 
@@ -308,3 +332,19 @@ class Hub:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def start_hub_thread(
+    workers: int, *, on_slow: Callable[[float], None] | None = None, name: str = "sglrun-hub"
+) -> Hub:
+    """A hub serving on its own daemon thread, fed with ``post`` from other threads (the batch
+    runner's feeder); ``stop`` ends it."""
+    started: queue.SimpleQueue[Hub] = queue.SimpleQueue()
+
+    def main() -> None:
+        hub = Hub(workers, on_slow=on_slow)
+        started.put(hub)
+        hub.serve()
+
+    threading.Thread(target=main, name=name, daemon=True).start()
+    return started.get()

@@ -302,3 +302,11 @@ def test_run_batch_runs_on_the_hub_and_coalesces_into_list_requests(stub, backen
             if params.get("max_new_tokens"):  # a gen item (select items score, max 0)
                 assert params["max_new_tokens"] == 1 + int(text.split()[1][:-1]) % 3
     assert threading.get_ident() not in senders  # the hub thread never waits on a socket
+
+
+def test_the_coalesce_setting_reaches_the_cli_backend(stub):
+    from sglrun.cli.loader import build_backend
+    from sglrun.config import Settings
+
+    assert build_backend(Settings(url=[stub.url]), "sglang").coalescer is not None
+    assert build_backend(Settings(url=[stub.url], coalesce=False), "sglang").coalescer is None

@@ -425,3 +425,48 @@ def test_stream_mode_reading_a_missing_variable_is_an_error_not_a_hang():
     _, records = run(reads_missing, rows_of([{"question": "q"}]), stream_panel=Recorder())
     assert records[0]["error"]["type"] == "VariableNotProducedError"
     assert "never_made" in records[0]["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- hub or threads
+
+
+def where_backend(**options) -> FakeBackend:
+    """Replies with where the row ran: 'hub' for a hub task, else the thread's name."""
+    from sglrun.lang.hub import current_hub
+
+    def reply(request):
+        return "hub" if current_hub() is not None else threading.current_thread().name
+
+    return FakeBackend(reply, **options)
+
+
+def test_rows_on_a_cooperative_backend_run_as_tasks_of_one_hub_thread():
+    stats, records = run(echo, rows_of([{"question": f"q{i}"} for i in range(40)]),
+                         where_backend(), num_threads=8)
+    assert stats.ok == 40
+    assert {r["vars"]["answer"] for r in records} == {"hub"}
+
+
+def test_rows_on_a_blocking_backend_run_on_worker_threads():
+    stats, records = run(echo, rows_of([{"question": f"q{i}"} for i in range(6)]),
+                         where_backend(delay=0.01), num_threads=3)
+    assert stats.ok == 6
+    assert all(r["vars"]["answer"].startswith("sglrun-row-") for r in records)
+
+
+@sgl.function
+def tool_user(s, question: str):
+    time.sleep(0.15)  # a program's own blocking call (a tool, a lookup) holds the hub
+    s += "A:" + sgl.gen("answer", max_tokens=8)
+
+
+def test_rows_that_block_the_hub_move_to_worker_threads(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    stats, records = run(tool_user, rows_of([{"question": f"q{i}"} for i in range(30)]),
+                         where_backend(), num_threads=8)
+    assert stats.ok == 30 and [r["id"] for r in records] == [str(i) for i in range(30)]
+    places = [r["vars"]["answer"] for r in records]
+    assert places[0] == "hub" and any(p.startswith("sglrun-row-") for p in places)
+    assert any("blocked" in record.getMessage() for record in caplog.records)

@@ -51,12 +51,15 @@ class Scenario:
     seed: int = 7
     stream: bool = False  # run under a pseudo-terminal with --stream (streamed requests)
     max_seconds: float = 60.0
+    # Coalescing off: each request alone, so the faults (drawn per request body) hit the same
+    # requests whatever the timing; the scenarios with it on show what happens to lists.
+    coalesce: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in [
-        Scenario("baseline", "none", Faults()),
+        Scenario("baseline", "none", Faults(), coalesce=True),
         Scenario("5xx", "10% HTTP 500/503", Faults(error_rate=0.10)),
         Scenario(
             "5xx-exhausted",
@@ -108,6 +111,14 @@ SCENARIOS: dict[str, Scenario] = {
             "server gone 5 s mid-run",
             Faults(disappear_after=20, disappear_seconds=5.0),
             retries=8,
+        ),
+        Scenario(
+            "list-faults",
+            "coalesced lists: 20% non-JSON, 10% hang > 1 s timeout",
+            Faults(bad_json_rate=0.2, hang_rate=0.1, hang_seconds=4.0),
+            timeout=1.0,
+            expect_exit=1,
+            coalesce=True,
         ),
         Scenario(
             "mixed-select",
@@ -165,7 +176,10 @@ class Outcome:
 def write_config(directory: Path, scenario: Scenario) -> Path:
     """``sglrun.yaml`` in the run's working directory: the short timeout and retry budget."""
     path = directory / "sglrun.yaml"
-    path.write_text(f"timeout: {scenario.timeout}\nretries: {scenario.retries}\n")
+    path.write_text(
+        f"timeout: {scenario.timeout}\nretries: {scenario.retries}\n"
+        f"coalesce: {'true' if scenario.coalesce else 'false'}\n"
+    )
     return path
 
 

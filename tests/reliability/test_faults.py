@@ -202,3 +202,19 @@ def test_resume_retry_errors_reruns_only_the_failed_rows(outcome_of, tmp_path):
     assert sent == failed, f"sent {len(sent - failed)} rows that had succeeded"
     facts = check_each_id_once(read_records(work / "out.jsonl"), outcome.ids)
     assert facts["errors"] == 0
+
+
+def test_rows_of_a_failed_list_are_resent_alone(outcome_of):
+    """A list request that fails in a way retries do not cure (a read timeout, a body that is
+    not JSON) does not fail its rows: each is sent again alone, and most get through."""
+    outcome = outcome_of("list-faults")
+    log = outcome.server_log
+    failed = [e for e in log if len(set(e.rows)) > 1 and e.outcome in ("hang", "bad_json")]
+    assert failed, "no list request met a fault"
+    for entry in failed:
+        alone_later = {e.rows[0] for e in log if e.seq > entry.seq and len(set(e.rows)) == 1}
+        assert set(entry.rows) <= alone_later, f"rows of list {entry.seq} not resent alone"
+    in_failed_lists = {row for entry in failed for row in entry.rows}
+    errors = {str(record["id"]) for record in outcome.error_records}
+    rescued = in_failed_lists - errors
+    assert len(rescued) > len(in_failed_lists & errors), (len(rescued), len(errors))
