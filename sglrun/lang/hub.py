@@ -37,6 +37,7 @@ SLOW_SLICE = 0.02  # a task slice blocked longer than this (seconds) counts as b
 BLOCKED_LIMIT = 0.5  # blocked seconds (and a fifth of the hub's time) before on_slow
 BLOCKED_SHARE = 0.2
 
+
 class Batcher(Protocol):
     """What ``Hub.gather`` needs of whoever sends the batches."""
 
@@ -113,7 +114,6 @@ class Hub:
         self.live = 0  # tasks spawned and not finished
         self._ready: deque[tuple[greenlet.greenlet, Any, BaseException | None]] = deque()
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._outstanding = 0  # worker jobs and watched futures whose answer is still coming
         self._pending: dict[int, _Pending] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = False
@@ -127,7 +127,7 @@ class Hub:
 
     def post(self, function: Callable[..., Any], *args: Any) -> None:
         """Spawn a task from any thread (the hub spawns it when it next looks at its inbox)."""
-        self._inbox.put((_SPAWN, (function, args), None, False))
+        self._inbox.put((_SPAWN, (function, args), None))
 
     def serve(self) -> None:
         """Run tasks as they are posted until ``stop`` is posted (a hub on its own thread)."""
@@ -139,7 +139,7 @@ class Hub:
 
     def stop(self) -> None:
         """From any thread: let ``serve`` return; tasks still parked are abandoned."""
-        self._inbox.put((_STOP, None, None, False))
+        self._inbox.put((_STOP, None, None))
 
     def finished(self, task: Task) -> None:
         self.live -= 1
@@ -170,8 +170,7 @@ class Hub:
         if not future.done():
             if greenlet.getcurrent() is not self.main:
                 return self.call_blocking(future.result)
-            self._outstanding += 1
-            future.add_done_callback(lambda _: self._inbox.put((None, None, None, True)))
+            future.add_done_callback(lambda _: self._inbox.put((None, None, None)))
             while not future.done():
                 self.step()
         return future.result()
@@ -189,7 +188,7 @@ class Hub:
         if threading.get_ident() == self.thread:
             self._ready.append((task, value, None))
         else:
-            self._inbox.put((task, value, None, False))
+            self._inbox.put((task, value, None))
 
     def call_blocking(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking work on a worker thread; the calling task parks meanwhile."""
@@ -198,9 +197,9 @@ class Hub:
 
         def job() -> None:
             try:
-                inbox.put((task, function(*args, **kwargs), None, True))
+                inbox.put((task, function(*args, **kwargs), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
-                inbox.put((task, None, exc, True))
+                inbox.put((task, None, exc))
 
         self._submit(job)
         return self.park()
@@ -219,7 +218,6 @@ class Hub:
     def _submit(self, job: Callable[[], None]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sglrun-hub")
-        self._outstanding += 1
         self._pool.submit(job)
 
     def step(self) -> None:
@@ -232,8 +230,8 @@ class Hub:
         self._flush(force=True)
         if self._ready:
             return
-        # Nothing to run: wait for a worker's answer (or a wake from another thread, such
-        # as a streaming program's, which ``_outstanding`` does not count).
+        # Nothing to run: wait for a worker's answer, a posted task or a wake from another
+        # thread.
         self._take_inbox(block=True)
 
     def _run_ready(self) -> None:
@@ -298,9 +296,9 @@ class Hub:
 
         def job() -> None:
             try:
-                inbox.put((pending, (tasks, send_together(batch)), None, True))
+                inbox.put((pending, (tasks, send_together(batch)), None))
             except BaseException as exc:  # noqa: BLE001 - every task of the batch sees it
-                inbox.put((pending, (tasks, None), exc, True))
+                inbox.put((pending, (tasks, None), exc))
 
         self._submit(job)
 
@@ -312,9 +310,7 @@ class Hub:
             except queue.Empty:
                 return
             block = False
-            target, value, error, counted = entry
-            if counted:
-                self._outstanding -= 1
+            target, value, error = entry
             if isinstance(target, _Pending):  # a batch came back: one outcome per task
                 target.in_flight -= 1
                 tasks, outcomes = value
