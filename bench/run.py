@@ -69,7 +69,7 @@ class Settings:
     fork_runs: int = 5
     capital_rows: int = 64
     capital_threads: int = 64
-    capital_rounds: int = 3
+    capital_rounds: int = 5
     capital_warm: int = 8
     startup_runs: int = 5
     num_threads: str | int = "auto"
