@@ -25,7 +25,7 @@ from sglrun.batch.readers import Row, convert_row, param_specs
 from sglrun.batch.writers import OrderedEmitter, make_record
 from sglrun.errors import InvalidArgumentError, SglrunError, VariableNotProducedError
 from sglrun.lang.hub import start_hub_thread
-from sglrun.lang.runtime import execute, new_state
+from sglrun.lang.runtime import execute, fewer_collections, new_state
 
 if TYPE_CHECKING:
     from sglrun.backends.base import Backend
@@ -452,6 +452,8 @@ def run_batch_file(
     logger.info("batch %s: %d threads, window %d", program.name, num_threads, window)
     interrupted = False
     keys = _KeyCheck(program, mapping, id_field, source, on_warning if not strict else None)
+    collector = fewer_collections()
+    collector.__enter__()
     try:
         interrupted = _feed(batch, iter(rows), stats, stop, limit, skip_ids, keys)
     except KeyboardInterrupt:
@@ -476,6 +478,7 @@ def run_batch_file(
                 stats.status = "read_error"
             else:
                 stats.status = "interrupted" if interrupted else "completed"
+        collector.__exit__(None, None, None)
     if stats.abandoned:
         logger.info("abandoned %d rows still running after the interrupt", stats.abandoned)
     return stats

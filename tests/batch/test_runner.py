@@ -470,3 +470,9 @@ def test_rows_that_block_the_hub_move_to_worker_threads(caplog):
     places = [r["vars"]["answer"] for r in records]
     assert places[0] == "hub" and any(p.startswith("sglrun-row-") for p in places)
     assert any("blocked" in record.getMessage() for record in caplog.records)
+
+
+def test_the_collector_threshold_is_back_after_a_run():
+    before = gc.get_threshold()
+    stats, _ = run(echo, rows_of([{"question": "q"}] * 5))
+    assert stats.ok == 5 and gc.get_threshold() == before

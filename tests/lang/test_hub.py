@@ -165,9 +165,15 @@ def test_generator_style_yields_in_order_on_the_hub():
     assert [s["a"] for s in states] == [f"a:t{i}:hub" for i in range(12)]
 
 
-def test_the_collector_threshold_is_restored_after_a_batch():
+@sgl.function
+def threshold_reader(s):
+    s += str(gc.get_threshold()[0])
+
+
+def test_the_collector_runs_less_often_during_a_batch_and_is_restored_after():
     before = gc.get_threshold()
-    two_gens.run_batch([{"topic": "x"}, {"topic": "y"}], backend=echo_backend())
+    states = threshold_reader.run_batch([{}, {}], backend=echo_backend())
+    assert all(int(state.text()) >= 20_000 for state in states)
     assert gc.get_threshold() == before
 
 
