@@ -452,33 +452,31 @@ def run_batch_file(
     logger.info("batch %s: %d threads, window %d", program.name, num_threads, window)
     interrupted = False
     keys = _KeyCheck(program, mapping, id_field, source, on_warning if not strict else None)
-    collector = fewer_collections()
-    collector.__enter__()
-    try:
-        interrupted = _feed(batch, iter(rows), stats, stop, limit, skip_ids, keys)
-    except KeyboardInterrupt:
-        interrupted = True
-        stop.set()
-    finally:
-        # Also on an unexpected error: finish (or abandon) what runs, write it, re-raise.
-        wait = 0.0 if stats.write_error is not None else grace
-        interrupted = batch.drain(stop, wait) or interrupted or stop.is_set()
-        batch.close()
+    with fewer_collections():
         try:
-            emitter.flush_all()
-        except Exception as exc:
-            stats.write_error = stats.write_error or exc
-        sink.close()
-        with batch.lock:
-            stats.abandoned = max(0, stats.running)
-            stats.finished = time.monotonic()
-            if stats.write_error is not None:
-                stats.status = "write_error"
-            elif stats.read_error is not None:
-                stats.status = "read_error"
-            else:
-                stats.status = "interrupted" if interrupted else "completed"
-        collector.__exit__(None, None, None)
+            interrupted = _feed(batch, iter(rows), stats, stop, limit, skip_ids, keys)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+        finally:
+            # Also on an unexpected error: finish (or abandon) what runs, write it, re-raise.
+            wait = 0.0 if stats.write_error is not None else grace
+            interrupted = batch.drain(stop, wait) or interrupted or stop.is_set()
+            batch.close()
+            try:
+                emitter.flush_all()
+            except Exception as exc:
+                stats.write_error = stats.write_error or exc
+            sink.close()
+            with batch.lock:
+                stats.abandoned = max(0, stats.running)
+                stats.finished = time.monotonic()
+                if stats.write_error is not None:
+                    stats.status = "write_error"
+                elif stats.read_error is not None:
+                    stats.status = "read_error"
+                else:
+                    stats.status = "interrupted" if interrupted else "completed"
     if stats.abandoned:
         logger.info("abandoned %d rows still running after the interrupt", stats.abandoned)
     return stats

@@ -9,9 +9,6 @@ names the variable and the cause instead of waiting forever.
 
 from __future__ import annotations
 
-import base64
-import os
-import re
 import threading
 import time
 from collections import deque
@@ -48,6 +45,7 @@ from sglrun.lang.ir import (
     SglVarScopeEnd,
     SglVideo,
 )
+from sglrun.lang.values import load_image, parse_dtype, split_reasoning
 
 __all__ = ["Executor"]
 
@@ -370,11 +368,11 @@ class Executor:
         text = result.text
         if isinstance(text, list):
             self.fill(text[0] if text else "")
-            value: Any = [_parse_dtype(t, params.dtype, name) for t in text]
+            value: Any = [parse_dtype(t, params.dtype, name) for t in text]
         else:
             if not self.stream or params.n not in (None, 1):
                 self.fill(text)
-            value = _parse_dtype(text, params.dtype, name)
+            value = parse_dtype(text, params.dtype, name)
         self._produce(name, value, meta)
 
     def _streamed_gen(self, name: str | None, params: SamplingParams) -> Any:
@@ -568,63 +566,3 @@ class Executor:
             child.fork_start_text_pos = len(self.text_)
             children.append(child)
         return children
-
-
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-
-
-def split_reasoning(text: str, model_type: str | None) -> tuple[str, str]:
-    """Split ``<think>...</think>`` reasoning from the answer (DeepSeek-R1 may omit the
-    opening tag: then everything before ``</think>`` is reasoning)."""
-    match = _THINK.search(text)
-    if match:
-        answer = (text[: match.start()] + text[match.end() :]).strip()
-        return match.group(1).strip(), answer
-    if "</think>" in text:
-        reasoning, _, answer = text.partition("</think>")
-        return reasoning.replace("<think>", "").strip(), answer.strip()
-    return "", text
-
-
-def _parse_dtype(text: str, dtype: str | None, name: str | None) -> Any:
-    if dtype is None or dtype == "str":
-        if dtype == "str":
-            stripped = text.strip()
-            if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
-                return stripped[1:-1]
-        return text
-    stripped = text.strip()
-    try:
-        if dtype == "int":
-            return int(stripped)
-        if dtype == "float":
-            return float(stripped)
-        if dtype == "bool":
-            if stripped in ("True", "False"):
-                return stripped == "True"
-            raise ValueError(stripped)
-    except ValueError:
-        raise ProgramError(
-            f"gen {name!r} with dtype {dtype} produced {text[:40]!r}, which is not a {dtype}"
-        ) from None
-    return text
-
-
-def load_image(source: Any) -> ImageData:
-    """Accept a path, raw bytes, a data URL or base64 text, as SGLang's image() does."""
-    if isinstance(source, bytes):
-        return ImageData("<bytes>", base64.b64encode(source).decode())
-    text = str(source)
-    if text.startswith("data:"):
-        header, _, data = text.partition(",")
-        mime = header[5:].split(";")[0] or "image/jpeg"
-        return ImageData("<data-url>", data, mime)
-    if os.path.exists(text):
-        with open(text, "rb") as handle:
-            data = base64.b64encode(handle.read()).decode()
-        ext = os.path.splitext(text)[1].lower().lstrip(".")
-        mime = {"png": "image/png", "gif": "image/gif", "webp": "image/webp"}.get(ext, "image/jpeg")
-        return ImageData(text, data, mime)
-    if len(text) > 64 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", text):
-        return ImageData("<base64>", text)
-    raise InvalidArgumentError(f"image {text[:60]!r} is not a file, data URL or base64 data")

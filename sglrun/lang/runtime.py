@@ -132,23 +132,24 @@ def _run_rows(
 
         progress = batch_progress(total=len(rows), description=function.name)
     advance = progress.__enter__() if progress is not None else None
-    collector = fewer_collections()
-    collector.__enter__()
     try:
-        if threads == 1:
-            for arguments in rows:
-                state = one(arguments)
-                if advance:
-                    advance(state)
-                yield state
-        elif backend.cooperative:
-            yield from _on_hub(one, rows, threads, advance, function.name)
-        else:
-            yield from _on_threads(one, rows, threads, advance)
+        with fewer_collections():
+            if threads == 1:
+                for arguments in rows:
+                    state = one(arguments)
+                    if advance:
+                        advance(state)
+                    yield state
+            elif backend.cooperative:
+                yield from _on_hub(one, rows, threads, advance, function.name)
+            else:
+                yield from _on_threads(one, rows, threads, advance)
     finally:
-        collector.__exit__(None, None, None)
         if progress is not None:
             progress.__exit__(None, None, None)
+
+
+FIRST_GC_THRESHOLD = 20_000
 
 
 @contextlib.contextmanager
@@ -168,9 +169,6 @@ def fewer_collections() -> Iterator[None]:
     finally:
         if gc.get_threshold() == ours:
             gc.set_threshold(*saved)
-
-
-FIRST_GC_THRESHOLD = 20_000
 
 
 def _on_threads(
