@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sglrun.batch.readers import Row, convert_row, param_specs
 from sglrun.batch.writers import OrderedEmitter, make_record
 from sglrun.errors import InvalidArgumentError, SglrunError, VariableNotProducedError
-from sglrun.lang.hub import start_hub_thread
+from sglrun.lang.hub import report_blocking, start_hub_thread
 from sglrun.lang.runtime import execute, fewer_collections, new_state
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class _Batch:
         # Server backends: rows run as tasks of one hub thread (no thread per row, requests
         # sent together); rows go to worker threads if programs block the hub in their code.
         self.hub = (
-            start_hub_thread(threads, on_slow=self._hub_blocked)
+            start_hub_thread(threads, on_slow=report_blocking(f"batch {program.name}"))
             if backend.cooperative and threads > 1
             else None
         )
@@ -214,13 +214,6 @@ class _Batch:
         ]
         for worker in self.workers:
             worker.start()
-
-    def _hub_blocked(self, blocked: float) -> None:
-        logger.warning(
-            "programs kept the batch thread blocked for %.2f s in their own code (not waiting "
-            "on the model); the rows not yet started run on threads",
-            blocked,
-        )
 
     def _work(self) -> None:
         while True:

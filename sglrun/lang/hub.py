@@ -21,6 +21,7 @@ threads. Short stalls (waiting for the GIL, the machine pausing the process) sta
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -31,7 +32,9 @@ from typing import Any, Protocol
 
 import greenlet
 
-__all__ = ["Batcher", "Hub", "Task", "current_hub", "start_hub_thread"]
+__all__ = ["Batcher", "Hub", "Task", "current_hub", "report_blocking", "start_hub_thread"]
+
+logger = logging.getLogger("sglrun.lang")
 
 SLOW_SLICE = 0.02  # a task slice blocked longer than this (seconds) counts as blocking
 BLOCKED_LIMIT = 0.5  # blocked seconds (and a fifth of the hub's time) before on_slow
@@ -51,6 +54,20 @@ class Batcher(Protocol):
 _SPAWN, _STOP = object(), object()  # inbox markers: a posted task, the end of ``serve``
 
 
+def report_blocking(batch: str) -> Callable[[float], None]:
+    """An ``on_slow`` for a batch: one warning that its rows not yet started move to threads."""
+
+    def report(blocked: float) -> None:
+        logger.warning(
+            "%s: programs kept the batch thread blocked for %.2f s in their own code (not "
+            "waiting on the model); the rows not yet started run on threads",
+            batch,
+            blocked,
+        )
+
+    return report
+
+
 def current_hub() -> Hub | None:
     """The hub running the current greenlet, or None outside any hub task."""
     return getattr(greenlet.getcurrent(), "hub", None)
@@ -67,7 +84,7 @@ class Task(greenlet.greenlet):
         self.done = False
         self.result: Any = None
         self.error: Exception | None = None
-        self.joiners: list[Task] = []
+        self.joiners: list[greenlet.greenlet] = []
         self.on_done: Callable[[Task], None] | None = None
 
     def run(self, *_: Any) -> None:  # called by greenlet on the first switch
@@ -236,7 +253,6 @@ class Hub:
 
     def _run_ready(self) -> None:
         ready = self._ready
-        goal = self._goal()
         count = 0
         cpu = thread_time()  # once per round: a thread clock read is a system call
         for _ in range(len(ready)):
@@ -255,7 +271,7 @@ class Hub:
                     self._note_blocked(blocked)
             count += 1
             if count % 16 == 0:
-                self._flush(force=False, goal=goal)
+                self._flush(force=False)
 
     def _goal(self) -> int:
         """Items worth a batch before the hub runs out of work: half the live tasks, so about
@@ -270,9 +286,8 @@ class Hub:
             if self.on_slow is not None:
                 self.on_slow(self.blocked)
 
-    def _flush(self, *, force: bool, goal: int | None = None) -> None:
-        if goal is None:
-            goal = self._goal()
+    def _flush(self, *, force: bool) -> None:
+        goal = self._goal()
         for pending in self._pending.values():
             batcher = pending.batcher
             while pending.groups and pending.in_flight < batcher.max_in_flight:

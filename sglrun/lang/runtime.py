@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import threading
 from collections import deque
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import greenlet
 
 from sglrun.lang.global_config import global_config
-from sglrun.lang.hub import Hub, Task, current_hub
+from sglrun.lang.hub import Hub, Task, current_hub, report_blocking
 from sglrun.lang.interpreter import Executor
 from sglrun.lang.ir import SamplingParams
 from sglrun.lang.state import ProgramState
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["dry_run", "fewer_collections", "run_program", "run_program_batch", "shared_prefix"]
 
 PLACEHOLDER = "{{{name}}}"
-
-logger = logging.getLogger("sglrun.lang")
 
 
 def new_state(
@@ -201,18 +198,10 @@ def _on_hub(
     program, for a batch inside a program). Once a program blocks the thread in its own code,
     the rows not yet started run on threads instead."""
 
-    def report(blocked: float) -> None:
-        logger.warning(
-            "run_batch(%s): programs kept the batch thread blocked for %.2f s in their own "
-            "code (not waiting on the model); the rows not yet started run on threads",
-            name,
-            blocked,
-        )
-
     hub = current_hub()
     own_hub = hub is None
     if hub is None:
-        hub = Hub(concurrency, on_slow=report)
+        hub = Hub(concurrency, on_slow=report_blocking(f"run_batch({name})"))
     fallback: ThreadPoolExecutor | None = None
     window: deque[Task | Future[ProgramState]] = deque()
     try:
