@@ -7,9 +7,14 @@ client: the language runtime and its HTTP transport.
 
 It is a bare asyncio protocol (HTTP/1.1 keep-alive, ``Content-Length`` bodies) with orjson, in its
 own process so it never competes with the client for the GIL. ``--delay-ms`` holds every answer
-that long (a model's latency) without blocking other connections.
+that long (a model's latency) without blocking other connections. ``--latency-median-ms`` with
+``--latency-sigma`` instead draws each ``/generate`` item's latency from a seeded lognormal (real
+models answer in very different times); a list request answers when its slowest item would,
+as a batching server does. The server keeps every drawn latency and the time-weighted number of
+items in flight, so a benchmark can compare a client against what the server made possible.
 
     python -m bench.server [--host 127.0.0.1] [--port 0] [--delay-ms 0]
+                           [--latency-median-ms 0 --latency-sigma 1.0 --seed 0]
 
 It prints ``PORT <n>`` on the first line of stdout once it listens (port 0 picks a free one),
 counts requests (``GET /bench/stats``, ``POST /bench/reset``) and prints the counts on exit
@@ -21,7 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -52,8 +59,23 @@ class Stats:
         self.reads = 0  # data_received calls: network reads the requests took
         self.errors: collections.Counter[str] = collections.Counter()  # status -> count
         self.by_path: collections.Counter[str] = collections.Counter()
+        self.draws: list[float] = []  # drawn per-item latencies (seconds), in arrival order
+        self.in_flight = 0  # /generate items received and not yet answered
+        self.max_in_flight = 0
+        self._area = 0.0  # integral of in_flight over time
+        self._since = time.monotonic()
+        self._last = self._since
+
+    def flight(self, delta: int) -> None:
+        now = time.monotonic()
+        self._area += self.in_flight * (now - self._last)
+        self._last = now
+        self.in_flight += delta
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     def as_dict(self) -> dict[str, Any]:
+        self.flight(0)
+        span = self._last - self._since
         return {
             "requests": self.requests,
             "generate_items": self.generate_items,
@@ -61,6 +83,10 @@ class Stats:
             "reads": self.reads,
             "errors": dict(self.errors),
             "by_path": dict(self.by_path),
+            "draws": list(self.draws),
+            "in_flight_avg": self._area / span if span > 0 else 0.0,
+            "in_flight_max": self.max_in_flight,
+            "span_s": span,
         }
 
     def reset(self) -> None:
@@ -68,6 +94,25 @@ class Stats:
 
 
 STATS = Stats()
+
+
+class Latency:
+    """Per-item answer latency: fixed (``--delay-ms``) or drawn from a seeded lognormal."""
+
+    fixed = 0.0
+    median = 0.0
+    sigma = 0.0
+    rng = random.Random(0)
+
+    @classmethod
+    def for_items(cls, count: int) -> float:
+        """Seconds until an answer of ``count`` items may leave: its slowest item's."""
+        if cls.median <= 0:
+            return cls.fixed
+        mu = math.log(cls.median)
+        draws = [cls.rng.lognormvariate(mu, cls.sigma) for _ in range(max(1, count))]
+        STATS.draws.extend(draws)
+        return max(draws)
 
 
 # --------------------------------------------------------------------------- fake model
@@ -166,6 +211,14 @@ def item_options(body: dict[str, Any], index: int) -> dict[str, Any]:
 
 def sse(chunks: list[Any]) -> bytes:
     return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def generate_items(body: dict[str, Any]) -> int:
+    text = body.get("text")
+    if text is None:
+        ids = body.get("input_ids")
+        return len(ids) if ids and isinstance(ids[0], list) else 1
+    return len(text) if isinstance(text, list) else 1
 
 
 def handle_generate(body: dict[str, Any]) -> tuple[int, bytes, bytes]:
@@ -292,8 +345,12 @@ def server_info() -> dict[str, Any]:
     }
 
 
+ITEMS = [0]  # generation items of the request ``route`` just answered (0: not a generation)
+
+
 def route(method: bytes, path: str, body: bytes) -> tuple[int, bytes, bytes]:
     path = path.split("?", 1)[0]
+    ITEMS[0] = 0
     STATS.requests += 1
     STATS.by_path[path] += 1
     if method == b"POST" and path in ("/generate", "/v1/completions", "/v1/chat/completions"):
@@ -304,7 +361,9 @@ def route(method: bytes, path: str, body: bytes) -> tuple[int, bytes, bytes]:
         if not isinstance(data, dict):
             return 400, b"application/json", b'{"error": "expected a JSON object"}'
         if path == "/generate":
+            ITEMS[0] = generate_items(data)
             return handle_generate(data)
+        ITEMS[0] = 1
         if path == "/v1/completions":
             return handle_completions(data)
         return handle_chat(data)
@@ -346,8 +405,6 @@ def response_bytes(status: int, content_type: bytes, payload: bytes, keep_alive:
 
 class HttpProtocol(asyncio.Protocol):
     """HTTP/1.1 with keep-alive and pipelining (answers leave in request order)."""
-
-    delay: float = 0.0
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -420,32 +477,40 @@ class HttpProtocol(asyncio.Protocol):
                 payload = orjson.dumps({"error": f"{type(exc).__name__}: {exc}"})
             if status >= 400:
                 STATS.errors[str(status)] += 1
-            self._respond(response_bytes(status, ctype, payload, keep_alive), not keep_alive)
+            items = ITEMS[0] if status < 400 else 0
+            delay = Latency.for_items(items) if items else Latency.fixed
+            self._respond(
+                response_bytes(status, ctype, payload, keep_alive), not keep_alive, delay, items
+            )
             if not keep_alive:
                 self.closing = True
 
     def _fail(self, status: int) -> None:
         self.closing = True
-        self._respond(response_bytes(status, b"text/plain", b"", False), True)
+        self._respond(response_bytes(status, b"text/plain", b"", False), True, 0.0, 0)
 
-    def _respond(self, data: bytes, close: bool) -> None:
-        if self.delay <= 0 and not self.pending:
-            self._write(data, close)
+    def _respond(self, data: bytes, close: bool, delay: float, items: int) -> None:
+        if items:
+            STATS.flight(items)
+        if delay <= 0 and not self.pending:
+            self._write(data, close, items)
             return
-        entry = [False, data, close]
+        entry = [False, data, close, items]
         self.pending.append(entry)
-        if self.delay > 0:
-            asyncio.get_running_loop().call_later(self.delay, self._ready, entry)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._ready, entry)
         else:
             self._ready(entry)
 
     def _ready(self, entry: list[Any]) -> None:
         entry[0] = True
         while self.pending and self.pending[0][0]:
-            _, data, close = self.pending.popleft()
-            self._write(data, close)
+            _, data, close, items = self.pending.popleft()
+            self._write(data, close, items)
 
-    def _write(self, data: bytes, close: bool) -> None:
+    def _write(self, data: bytes, close: bool, items: int = 0) -> None:
+        if items:
+            STATS.flight(-items)
         if self.transport is None:
             return
         self.transport.write(data)
@@ -474,7 +539,7 @@ def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
 
 
 async def serve(host: str, port: int, delay_ms: float, exit_on_eof: bool) -> None:
-    HttpProtocol.delay = delay_ms / 1000.0
+    Latency.fixed = delay_ms / 1000.0
     loop = asyncio.get_running_loop()
     server = await loop.create_server(HttpProtocol, host, port, backlog=4096, reuse_address=True)
     bound = server.sockets[0].getsockname()[1]
@@ -510,7 +575,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="latency of every answer")
     parser.add_argument("--exit-on-eof", action="store_true", help="stop when stdin closes")
+    parser.add_argument(
+        "--latency-median-ms", type=float, default=0.0,
+        help="draw each generation item's latency from a lognormal with this median",
+    )  # fmt: skip
+    parser.add_argument("--latency-sigma", type=float, default=1.0, help="the lognormal's sigma")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latency draws")
     args = parser.parse_args(argv)
+    Latency.median = args.latency_median_ms / 1000.0
+    Latency.sigma = args.latency_sigma
+    Latency.rng = random.Random(args.seed)
     asyncio.run(serve(args.host, args.port, args.delay_ms, args.exit_on_eof))
 
 
@@ -518,9 +592,20 @@ def main(argv: list[str] | None = None) -> None:
 class ServerProcess:
     """Starts ``python -m bench.server`` in its own process; ``url``, ``stats()``, ``close()``."""
 
-    def __init__(self, delay_ms: float = 0.0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        delay_ms: float = 0.0,
+        host: str = "127.0.0.1",
+        *,
+        latency_median_ms: float = 0.0,
+        latency_sigma: float = 1.0,
+        seed: int = 0,
+    ) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         cmd = [sys.executable, "-m", "bench.server", "--host", host, "--delay-ms", str(delay_ms)]
+        if latency_median_ms > 0:
+            cmd += ["--latency-median-ms", str(latency_median_ms),
+                    "--latency-sigma", str(latency_sigma), "--seed", str(seed)]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd + ["--exit-on-eof"],
             cwd=root,

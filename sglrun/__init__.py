@@ -88,6 +88,15 @@ __all__ = [
     "video",
 ]
 
+def _batch_progress(total: int, description: str) -> Any:
+    """``run_batch(progress_bar=True)`` draws with the CLI's display (Rich, loaded on use)."""
+    from sglrun.cli.display import batch_progress
+
+    return batch_progress(total, description)
+
+
+global_config.batch_progress = _batch_progress
+
 _LAZY = {
     "Anthropic": "sglrun.backends.anthropic",
     "FakeBackend": "sglrun.backends.fake",

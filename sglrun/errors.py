@@ -12,6 +12,7 @@ The tree::
     │   ├── ModelNotFoundError           no model file could be found
     │   ├── TransportError               the request did not get an answer (connect, timeout)
     │   └── ServerError                  the server answered with an error status
+    ├── RowTimeout                a batch row ran past its time limit (``--row-timeout``)
     ├── InputError                a batch input row or file is malformed (names file and line)
     └── ConfigError               a configuration file or value is wrong
 
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidArgumentError",
     "ModelNotFoundError",
     "ProgramError",
+    "RowTimeout",
     "ServerError",
     "SglrunError",
     "TransportError",
@@ -100,6 +102,10 @@ class ServerError(BackendError):
         self.server_message = message
         where = f" from {url}" if url else ""
         super().__init__(f"HTTP {status}{where}: {message}")
+
+
+class RowTimeout(SglrunError):  # noqa: N818 - the name users see in error records
+    """A row of a batch ran past its time limit; the batch went on without it."""
 
 
 class InputError(SglrunError):

@@ -10,21 +10,26 @@ Inside a batch run on a hub (``sglrun.lang.hub``) there are no threads to lead o
 each program's items are gathered by the hub, which sends them together from a worker thread
 while it runs the next programs; ``send_together`` is the policy both ways share.
 
-Coalescing pays when a round trip is short (the client's per-request cost is then what limits
-throughput). When round trips are long (a model generating for real), every item of a list
-request would wait for the slowest one, so once the measured round trip exceeds
-``latency_threshold`` seconds each request goes alone again.
+Coalescing pays when a round trip is short: the client's per-request cost is then what limits
+throughput. When round trips are long (a model generating for real, answers of very different
+lengths) every item of a list request would wait for the slowest one, and there is little CPU
+to save, so each request goes alone. The switch is the median of the last ``LATENCY_WINDOW``
+round trips (lone and list requests alike): a median is not moved by the long tail of an uneven
+server, and a slow list counts against coalescing as well. Measured on the benchmark's servers
+(`make bench`, part 7): an instant server's round trips stay under 10 ms even with lists of a
+hundred items, a real model's are tens of milliseconds or more.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sglrun.lang.hub import current_hub
+from sglrun.lang.hub import Hub, current_hub
 
 __all__ = ["Coalescer"]
 
@@ -34,6 +39,8 @@ SOLO = object()
 """A group's outcome when its batch failed: send your own items alone."""
 
 PROBE_INTERVAL = 1.0  # seconds between lone requests that measure the server on a hub
+LATENCY_WINDOW = 16  # round trips the median is taken over
+COALESCE_BELOW = 0.02  # seconds: requests are coalesced while the median round trip is lower
 
 
 class _Waiter:
@@ -59,13 +66,13 @@ class Coalescer:
         *,
         max_batch: int = 256,
         max_in_flight: int = 8,
-        latency_threshold: float = 0.05,
+        latency_threshold: float = COALESCE_BELOW,
     ) -> None:
         self._send_batch = send_batch
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.latency_threshold = latency_threshold
-        self.latency = 0.0  # moving average of a lone request's round trip, in seconds
+        self._round_trips: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._last_probe = 0.0
         self._lock = threading.Lock()
         self._queue: deque[_Waiter] = deque()
@@ -73,15 +80,28 @@ class Coalescer:
         self.batches = 0
         self.items = 0
 
+    @property
+    def latency(self) -> float:
+        """The median of the last round trips (seconds; 0 before the first)."""
+        trips = list(self._round_trips)
+        return statistics.median(trips) if trips else 0.0
+
+    @property
+    def slow(self) -> bool:
+        """Round trips too long for coalescing to pay: every request goes alone."""
+        return self.latency > self.latency_threshold
+
     def call(self, items: list[dict[str, Any]]) -> list[Any]:
         """Send ``items`` (alone or with others) and return their results in order."""
         hub = current_hub()
-        if hub is not None:
+        if hub is not None and hub.live > 1:
             return self._call_on_hub(hub, items)
+        # Threads (or a hub running one program, e.g. ``run()`` in a user's thread): callers
+        # in other threads are the ones to coalesce with.
         waiter = _Waiter(items)
         with self._lock:
             self._queue.append(waiter)
-            if self._in_flight < self.max_in_flight or self.latency > self.latency_threshold:
+            if self._in_flight < self.max_in_flight or self.slow:
                 self._in_flight += 1
                 waiter.leads += 1
         try:
@@ -98,18 +118,18 @@ class Coalescer:
             raise waiter.error
         return waiter.results  # type: ignore[return-value]
 
-    def _call_on_hub(self, hub: Any, items: list[dict[str, Any]]) -> list[Any]:
+    def _call_on_hub(self, hub: Hub, items: list[dict[str, Any]]) -> list[Any]:
         now = time.monotonic()
-        if self.latency > self.latency_threshold or now - self._last_probe > PROBE_INTERVAL:
+        if self.slow or now - self._last_probe > PROBE_INTERVAL:
             # A slow server (or a due measurement): no batch, so no wait for the slowest item.
             self._last_probe = now
-            return hub.call_blocking(self._send_timed, items)
+            return hub.call_blocking(self._send_alone, items)  # type: ignore[no-any-return]
         outcome = hub.gather(self, items)
         if outcome is SOLO:
-            return hub.call_blocking(self._send_batch, items)
+            return hub.call_blocking(self._send_batch, items)  # type: ignore[no-any-return]
         return outcome  # type: ignore[no-any-return]
 
-    def _send_timed(self, items: list[dict[str, Any]]) -> list[Any]:
+    def _send_alone(self, items: list[dict[str, Any]]) -> list[Any]:
         return self.send_together([items])[0]  # type: ignore[no-any-return]
 
     def send_together(self, groups: Sequence[list[dict[str, Any]]]) -> list[Any]:
@@ -128,8 +148,7 @@ class Coalescer:
             # row's bad request or bad luck must not fail the others, so each caller resends
             # its own items alone, with its own retries.
             return [SOLO] * len(groups)
-        if len(items) == 1:  # a lone request measures the server, not the batch size
-            self.latency += (time.perf_counter() - started - self.latency) * 0.2
+        self._round_trips.append(time.perf_counter() - started)
         outcomes, position = [], 0
         for group in groups:
             outcomes.append(results[position : position + len(group)])

@@ -27,7 +27,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError, SSLError
 
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
-from sglrun.lang.hub import current_hub
+from sglrun.lang.hub import current_hub, run_blocking
 
 __all__ = [
     "DEFAULT_RETRIES",
@@ -337,11 +337,17 @@ class HTTPTransport:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Send a request and return the parsed JSON answer (or its text if not JSON)."""
-        hub = current_hub()
-        if hub is not None:  # a program on a hub: wait on a worker thread, not the hub's
-            return hub.call_blocking(
-                self.request, method, path, body, timeout=timeout, headers=headers
-            )
+        # A program on a hub waits on a worker thread, never on the hub's.
+        return run_blocking(self._request, method, path, body, timeout, headers)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        timeout: Any,
+        headers: Mapping[str, str] | None,
+    ) -> Any:
         response, endpoint = self._send(method, path, body, timeout, headers, stream=False)
         data = response.data
         content_type = response.headers.get("Content-Type", "")

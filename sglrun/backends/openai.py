@@ -56,7 +56,7 @@ from sglrun.errors import (
     UnsupportedCapabilityError,
 )
 from sglrun.lang.choices import ChoicesDecision, decide
-from sglrun.lang.hub import current_hub
+from sglrun.lang.hub import run_blocking
 from sglrun.lang.ir import SamplingParams
 
 __all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]
@@ -195,16 +195,18 @@ class OpenAI(Backend):
     def dialect(self) -> str:
         """Which constraint parameters the server takes: "llamacpp", "vllm" or "none"."""
         if self._dialect is None:
-            hub = current_hub()
-            if hub is not None:  # never hold a lock across a park: detect on a worker
-                return hub.call_blocking(lambda: self.dialect)  # type: ignore[no-any-return]
-            with self._lock:
-                if self._dialect is None:
-                    found, certain = self._detect_dialect()
-                    if not certain:  # the server was failing: ask again next time
-                        return found
-                    self._dialect = found
+            # Detected on a worker thread: a lock is never held across a park.
+            return run_blocking(self._detect_once)
         return self._dialect
+
+    def _detect_once(self) -> str:
+        with self._lock:
+            if self._dialect is None:
+                found, certain = self._detect_dialect()
+                if not certain:  # the server was failing: ask again next time
+                    return found
+                self._dialect = found
+            return self._dialect
 
     def _detect_dialect(self) -> tuple[str, bool]:
         if self.is_openai:

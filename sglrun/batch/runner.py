@@ -1,12 +1,14 @@
 """The batch runner: one program over a lazy stream of rows, one JSON record per row.
 
-Memory does not grow with the input: rows are pulled from the reader only when a slot is free
-(at most ``2 * num_threads`` in flight), each finished row is written (and flushed) at once and
-its program state dropped, and the ordered emitter holds at most ``window`` finished records.
-A row that fails, at conversion or in the program, becomes an error record and never stops the
-batch. Interrupting (Ctrl-C or ``stop_event``) stops taking rows, gives the rows in flight a
-short grace to finish, writes what finished and reports ``interrupted``; the output then holds
-only whole records, so ``--resume`` can carry on from it.
+Rows run on the shared scheduler (``sglrun.lang.scheduler``): at most ``num_threads`` programs
+in flight, a finished row frees its slot at once. Memory does not grow with the input: rows are
+read on a thread of their own only a little ahead of the programs, each finished row is
+written (and flushed) at once and its program state dropped, and the ordered emitter holds
+at most ``window`` rows back. A row that fails, at conversion or in the program, or that runs
+past ``row_timeout``, becomes an error record and never stops the batch. Interrupting (Ctrl-C
+or ``stop_event``) stops taking rows, gives the rows in flight a short grace to finish, writes
+what finished and reports ``interrupted``; the output then holds only whole records, so
+``--resume`` can carry on from it.
 
 No Rich here: progress and the streaming panel are callbacks the CLI supplies.
 """
@@ -14,18 +16,17 @@ No Rich here: progress and the streaming panel are callbacks the CLI supplies.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sglrun.batch.readers import Row, convert_row, param_specs
 from sglrun.batch.writers import OrderedEmitter, make_record
 from sglrun.errors import InvalidArgumentError, SglrunError, VariableNotProducedError
-from sglrun.lang.hub import report_blocking, start_hub_thread
-from sglrun.lang.runtime import execute, fewer_collections, new_state
+from sglrun.lang.runtime import execute, new_state
+from sglrun.lang.scheduler import Feed, Finished, Scheduler
 
 if TYPE_CHECKING:
     from sglrun.backends.base import Backend
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from sglrun.lang.state import ProgramState
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "INCLUDE_FIELDS",
     "BatchStats",
     "StreamSink",
@@ -45,13 +47,14 @@ __all__ = [
 logger = logging.getLogger("sglrun.batch")
 
 INCLUDE_FIELDS = ("input", "text", "messages", "meta")
+DEFAULT_WINDOW = 100_000  # rows a slow row may fall behind before it holds up new rows
 _MESSAGE_LIMIT = 2000
-_POLL = 0.1  # seconds between checks of the stop event while the feeder waits
+_POLL = 0.1  # seconds between checks of the stop event while the reader waits
 _MAX_KEY_WARNINGS = 20
 
 
 class StreamSink(Protocol):
-    """Shows the text of rows in flight (the CLI's live panel); called from worker threads."""
+    """Shows the text of rows in flight (the CLI's live panel); called from the hub thread."""
 
     def track(self, key: int, label: str, state: ProgramState) -> None: ...
 
@@ -60,7 +63,7 @@ class StreamSink(Protocol):
 
 @dataclass
 class BatchStats:
-    """Counters of one batch run; updated from worker threads under the runner's lock."""
+    """Counters of one batch run; updated under the runner's lock."""
 
     total: int | None = None
     read: int = 0
@@ -69,9 +72,9 @@ class BatchStats:
     failed: int = 0
     skipped: int = 0
     tokens: int = 0
-    in_flight: int = 0  # taken from the input, not finished (queued or running)
-    running: int = 0
     abandoned: int = 0
+    timed_out: int = 0
+    left_behind: int = 0  # threads of timed-out rows that could not be stopped
     status: str = "running"  # then "completed", "interrupted", "read_error" or "write_error"
     write_error: BaseException | None = None  # the output broke (disk full, closed pipe)
     read_error: BaseException | None = None  # the input broke mid-way (rows before it ran)
@@ -126,28 +129,6 @@ def count_tokens(meta_info: Mapping[str, Any]) -> int:
     return total
 
 
-class _Sink:
-    """The record sink; once closed (run over) late finishers are dropped, not written to a
-    closed file."""
-
-    def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
-        self._write = write
-        self._lock = threading.Lock()
-        self.closed = False
-        self.dropped = 0
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        with self._lock:
-            if self.closed:
-                self.dropped += 1
-                return
-            self._write(record)
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-
-
 @dataclass
 class _Job:
     position: int
@@ -155,8 +136,7 @@ class _Job:
 
 
 class _Batch:
-    """One run's shared state: the feeder (caller's thread) and the workers (daemon threads,
-    so a row abandoned after an interrupt never keeps the process alive)."""
+    """One run: the reader (a feed thread), the rows (scheduler tasks), the records."""
 
     def __init__(
         self,
@@ -164,9 +144,7 @@ class _Batch:
         *,
         backend: Backend,
         defaults: SamplingParams,
-        threads: int,
         emitter: OrderedEmitter,
-        sink: _Sink,
         stats: BatchStats,
         on_progress: Callable[[BatchStats], None] | None,
         include: frozenset[str],
@@ -176,13 +154,13 @@ class _Batch:
         id_field: str | None,
         source: str,
         stop: threading.Event,
+        skip_ids: Collection[str],
+        keys: _KeyCheck,
     ) -> None:
         self.program = program
-        self.stop = stop
         self.backend = backend
         self.defaults = defaults
         self.emitter = emitter
-        self.sink = sink
         self.stats = stats
         self.on_progress = on_progress
         self.include = include
@@ -191,76 +169,56 @@ class _Batch:
         self.strict = strict
         self.id_field = id_field
         self.source = source
+        self.stop = stop
+        self.skip_ids = skip_ids
+        self.keys = keys
         self.specs = param_specs(program.func)
-        self.lock = threading.Condition()
-        self.threads = threads
-        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.workers: list[threading.Thread] = []
-        # Server backends: rows run as tasks of one hub thread (no thread per row, requests
-        # sent together); rows go to worker threads if programs block the hub in their code.
-        self.hub = (
-            start_hub_thread(threads, on_slow=report_blocking(f"batch {program.name}"))
-            if backend.cooperative and threads > 1
-            else None
-        )
-        if self.hub is None:
-            self._start_workers()
+        self.lock = threading.Lock()
+        self.output_closed = False
+        self.halt = threading.Event()  # the run is over (or the output broke): stop reading
 
-    # ------------------------------------------------------------ workers
-    def _start_workers(self) -> None:
-        self.workers = [
-            threading.Thread(target=self._work, name=f"sglrun-row-{n}", daemon=True)
-            for n in range(self.threads)
-        ]
-        for worker in self.workers:
-            worker.start()
-
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
+    # ------------------------------------------------------------ reading (feed thread)
+    def jobs(self, rows: Iterator[Row]) -> Iterator[_Job]:
+        """The rows to run, read ahead of the programs by the feed thread. Rows already done
+        (a resume) are skipped here; the ordered window holds reading back. An input that
+        breaks mid-way ends the rows with ``stats.read_error``: the rows before it still
+        run and are written."""
+        position = 0
+        stats = self.stats
+        while not self.stopping():
+            try:
+                row = next(rows)
+            except StopIteration:
                 return
-            self._start_job(job)
-
-    def _start_job(self, job: _Job) -> None:
-        with self.lock:
-            if self.stop.is_set():  # queued but not started: leave it for a resume
-                self.stats.in_flight -= 1
-                self.lock.notify_all()
+            except (SglrunError, OSError, ValueError) as exc:
+                stats.read_error = exc
+                logger.info("input failed after %d rows: %s", stats.read, exc)
                 return
-            self.stats.running += 1
-        self._run_job(job)
-
-    def _run_job(self, job: _Job) -> None:
-        row = job.row
-        tokens = 0
-        try:
-            record, tokens = self._record_for(job)
-        except BaseException as exc:  # a worker must survive anything a program does
-            record = make_record(row.id, {}, error_info(exc))
-        failed = record.get("error") is not None
-        try:
-            self.emitter.emit(job.position, record)
-        except Exception as exc:  # a broken output (disk full, closed pipe) stops the batch
             with self.lock:
-                if self.stats.write_error is None:
-                    self.stats.write_error = exc
-            self.sink.close()
-            self.stop.set()
-        with self.lock:
-            stats = self.stats
-            stats.in_flight -= 1
-            stats.running -= 1
-            stats.done += 1
-            stats.tokens += tokens
-            if failed:
-                stats.failed += 1
+                stats.read += 1
+            if row.data is not None:
+                self.keys.check(row)
+            while not self.emitter.wait_admit(position, timeout=_POLL):
+                if self.stopping():
+                    return
+            if self.skip_ids and row.id in self.skip_ids:
+                self.emitter.skip(position)
+                with self.lock:
+                    stats.skipped += 1
+                self.report_progress()
             else:
-                stats.ok += 1
-            self.lock.notify_all()
-        if failed:
-            logger.info("row %s failed: %s", row.id, record["error"]["message"])
-        self.report_progress()
+                yield _Job(position, row)
+            position += 1
+
+    def stopping(self) -> bool:
+        return self.stop.is_set() or self.halt.is_set()
+
+    # ------------------------------------------------------------ one row (a hub task)
+    def run_job(self, job: _Job) -> tuple[dict[str, Any], int]:
+        try:
+            return self._record_for(job)
+        except Exception as exc:  # a row must survive anything a program does
+            return make_record(job.row.id, {}, error_info(exc)), 0
 
     def _record_for(self, job: _Job) -> tuple[dict[str, Any], int]:
         row = job.row
@@ -314,68 +272,41 @@ class _Batch:
                 panel.untrack(job.position)
             del state  # the state (prompt, text, variables) goes as soon as it is written
 
+    # ------------------------------------------------------------ records (hub thread)
+    def finish(self, finished: Finished) -> None:
+        job: _Job = finished.item
+        tokens = 0
+        if finished.error is not None:  # cancelled outside the program (a time limit)
+            record = make_record(job.row.id, {}, error_info(finished.error))
+        else:
+            record, tokens = finished.result
+        failed = record.get("error") is not None
+        if not self.output_closed:
+            try:
+                self.emitter.emit(job.position, record)
+            except Exception as exc:  # a broken output (disk full, closed pipe) stops the batch
+                self.stats.write_error = self.stats.write_error or exc
+                self.output_closed = True
+                self.halt.set()
+        with self.lock:
+            stats = self.stats
+            stats.done += 1
+            stats.tokens += tokens
+            if failed:
+                stats.failed += 1
+            else:
+                stats.ok += 1
+        if failed:
+            logger.info("row %s failed: %s", job.row.id, record["error"]["message"])
+        self.report_progress()
+
     def report_progress(self) -> None:
-        if self.on_progress is None or self.sink.closed:
+        if self.on_progress is None or self.output_closed:
             return
         try:
             self.on_progress(self.stats)
         except Exception:  # a display problem must not lose rows
             logger.exception("progress callback failed")
-
-    # ------------------------------------------------------------ feeder
-    def submit(self, position: int, row: Row) -> None:
-        with self.lock:
-            self.stats.in_flight += 1
-        job = _Job(position, row)
-        if self.hub is not None and not self.hub.slow_seen:
-            self.hub.post(self._start_job, job)
-            return
-        if not self.workers:
-            self._start_workers()
-        self.jobs.put(job)
-
-    def wait_for_slot(self, limit: int, stop: threading.Event) -> bool:
-        """Block until fewer than ``limit`` rows are in flight; False if stopped meanwhile."""
-        with self.lock:
-            while self.stats.in_flight >= limit:
-                if stop.is_set():
-                    return False
-                self.lock.wait(_POLL)
-        return not stop.is_set()
-
-    def wait_admit(self, position: int, stop: threading.Event) -> bool:
-        """Block until the ordered window admits ``position``; False if stopped meanwhile."""
-        while not self.emitter.wait_admit(position, timeout=_POLL):
-            if stop.is_set():
-                return False
-        return not stop.is_set()
-
-    def drain(self, stop: threading.Event, grace: float) -> bool:
-        """Wait for the rows in flight. After a stop they get ``grace`` seconds (a second
-        Ctrl-C abandons them at once). Returns True if a stop was seen."""
-        deadline: float | None = None
-        stopped = False
-        while True:
-            try:
-                with self.lock:
-                    if self.stats.in_flight <= 0:
-                        return stopped
-                    if stop.is_set() and deadline is None:
-                        stopped = True
-                        deadline = time.monotonic() + grace
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return stopped
-                    self.lock.wait(_POLL)
-            except KeyboardInterrupt:
-                if deadline is not None:  # the second interrupt: do not wait any longer
-                    return True
-                stop.set()
-
-    def close(self) -> None:
-        if self.hub is not None:
-            self.hub.stop()
-        for _ in self.workers:
-            self.jobs.put(None)
 
 
 def run_batch_file(
@@ -400,16 +331,19 @@ def run_batch_file(
     source: str = "",
     grace: float = 5.0,
     on_warning: Callable[[str], None] | None = None,
+    row_timeout: float | None = None,
 ) -> BatchStats:
     """Run ``program`` on every row and hand one record per row to ``on_record``.
 
-    ``on_record`` receives records in input order (``ordered``) or as rows finish; it is
-    typically ``RecordWriter.write``. Rows whose id is in ``skip_ids`` (a resume) are not run.
-    ``include`` adds opt-in record keys (input, text, messages, meta). ``mapping`` is
-    ``{parameter: column}``. ``source`` names the input in row errors (``in.csv:7: ...``).
-    Without ``strict``, ``on_warning`` hears once about each row key that fills no parameter.
-    Returns the counters; ``status`` says how the run ended ("completed", "interrupted",
-    "read_error": the input broke after some rows, "write_error": the output broke).
+    ``num_threads`` programs are in flight at once. ``on_record`` receives records in input
+    order (``ordered``) or as rows finish; it is typically ``RecordWriter.write``. Rows whose
+    id is in ``skip_ids`` (a resume) are not run. ``include`` adds opt-in record keys (input,
+    text, messages, meta). ``mapping`` is ``{parameter: column}``. ``source`` names the input
+    in row errors (``in.csv:7: ...``). Without ``strict``, ``on_warning`` hears once about
+    each row key that fills no parameter. A row running longer than ``row_timeout`` seconds
+    becomes a ``RowTimeout`` error record. Returns the counters; ``status`` says how the run
+    ended ("completed", "interrupted", "read_error": the input broke after some rows,
+    "write_error": the output broke).
     """
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise InvalidArgumentError(f"num_threads must be an int >= 1, not {num_threads!r}")
@@ -419,99 +353,60 @@ def run_batch_file(
             f"unknown include field(s) {', '.join(unknown)}; "
             f"choose from {', '.join(INCLUDE_FIELDS)}"
         )
-    limit = num_threads * 2
-    window = window if window is not None else max(64, limit * 4)
+    if row_timeout is not None and row_timeout <= 0:
+        raise InvalidArgumentError(f"row_timeout must be > 0 seconds, not {row_timeout!r}")
+    window = window if window is not None else DEFAULT_WINDOW
     stop = stop_event if stop_event is not None else threading.Event()
     stats = BatchStats(total=total)
-    sink = _Sink(on_record)
-    emitter = OrderedEmitter(sink, ordered=ordered, window=window)
-    batch = _Batch(
-        program,
-        backend=backend,
-        defaults=defaults,
-        threads=num_threads,
-        emitter=emitter,
-        sink=sink,
-        stats=stats,
-        on_progress=on_progress,
-        include=frozenset(include),
-        stream_panel=stream_panel,
-        mapping=mapping,
-        strict=strict,
-        id_field=id_field,
-        source=source,
-        stop=stop,
-    )
-    logger.info("batch %s: %d threads, window %d", program.name, num_threads, window)
-    interrupted = False
+    emitter = OrderedEmitter(on_record, ordered=ordered, window=window)
     keys = _KeyCheck(program, mapping, id_field, source, on_warning if not strict else None)
-    with fewer_collections():
-        try:
-            interrupted = _feed(batch, iter(rows), stats, stop, limit, skip_ids, keys)
-        except KeyboardInterrupt:
+    batch = _Batch(
+        program, backend=backend, defaults=defaults, emitter=emitter, stats=stats,
+        on_progress=on_progress, include=frozenset(include), stream_panel=stream_panel,
+        mapping=mapping, strict=strict, id_field=id_field, source=source, stop=stop,
+        skip_ids=skip_ids, keys=keys,
+    )  # fmt: skip
+    scheduler = Scheduler(
+        num_threads, name=f"batch {program.name}", row_timeout=row_timeout,
+        interrupt_stuck=True,
+    )  # fmt: skip
+    logger.info("batch %s: %d in flight, window %d", program.name, num_threads, window)
+    feed = Feed(batch.jobs(iter(rows)), capacity=max(1, num_threads - 1))
+    interrupted = False
+    finished_rows = scheduler.imap(batch.run_job, feed, stop=stop, grace=grace)
+    try:
+        for finished in finished_rows:
+            batch.finish(finished)
+            if stats.write_error is not None:
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: abandon the rows in flight at once
+        interrupted = True
+    finally:
+        finished_rows.close()
+        batch.halt.set()  # the feed thread stops reading
+        if isinstance(feed.error, KeyboardInterrupt):
             interrupted = True
-            stop.set()
-        finally:
-            # Also on an unexpected error: finish (or abandon) what runs, write it, re-raise.
-            wait = 0.0 if stats.write_error is not None else grace
-            interrupted = batch.drain(stop, wait) or interrupted or stop.is_set()
-            batch.close()
-            try:
-                emitter.flush_all()
-            except Exception as exc:
-                stats.write_error = stats.write_error or exc
-            sink.close()
-            with batch.lock:
-                stats.abandoned = max(0, stats.running)
-                stats.finished = time.monotonic()
-                if stats.write_error is not None:
-                    stats.status = "write_error"
-                elif stats.read_error is not None:
-                    stats.status = "read_error"
-                else:
-                    stats.status = "interrupted" if interrupted else "completed"
+        elif feed.error is not None:  # the reader itself broke: the input could not be read
+            stats.read_error = stats.read_error or feed.error
+        interrupted = interrupted or stop.is_set()
+        try:
+            emitter.flush_all()
+        except Exception as exc:
+            stats.write_error = stats.write_error or exc
+        batch.output_closed = True
+        stats.abandoned = scheduler.abandoned
+        stats.timed_out = scheduler.timed_out
+        stats.left_behind = scheduler.left_behind
+        stats.finished = time.monotonic()
+        if stats.write_error is not None:
+            stats.status = "write_error"
+        elif stats.read_error is not None:
+            stats.status = "read_error"
+        else:
+            stats.status = "interrupted" if interrupted else "completed"
     if stats.abandoned:
         logger.info("abandoned %d rows still running after the interrupt", stats.abandoned)
     return stats
-
-
-def _feed(
-    batch: _Batch,
-    rows: Any,
-    stats: BatchStats,
-    stop: threading.Event,
-    limit: int,
-    skip_ids: Collection[str],
-    keys: _KeyCheck,
-) -> bool:
-    """Pull rows while slots are free; True if stopped before the input ended. An input that
-    breaks mid-way (an unreadable file, a bad CSV header after a row) ends the feed with
-    ``stats.read_error``: the rows before it still run and are written."""
-    position = 0
-    while True:
-        if not batch.wait_for_slot(limit, stop):
-            return True
-        try:
-            row = next(rows)
-        except StopIteration:
-            return False
-        except (SglrunError, OSError, ValueError) as exc:
-            stats.read_error = exc
-            logger.info("input failed after %d rows: %s", stats.read, exc)
-            return False
-        stats.read += 1
-        if row.data is not None:
-            keys.check(row)
-        if not batch.wait_admit(position, stop):
-            return True
-        if skip_ids and row.id in skip_ids:
-            batch.emitter.skip(position)
-            with batch.lock:
-                stats.skipped += 1
-            batch.report_progress()
-        else:
-            batch.submit(position, row)
-        position += 1
 
 
 class _KeyCheck:

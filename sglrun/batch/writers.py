@@ -108,24 +108,36 @@ def check_writable(path: str) -> None:
         ) from None
 
 
+MAX_HELD_BYTES = 64 * 1024 * 1024
+
+
 class OrderedEmitter:
-    """Puts out-of-order results back in input order with at most ``window`` rows held.
+    """Puts out-of-order results back in input order, holding back at most ``window`` rows
+    and ``max_bytes`` of records.
 
     The producer asks ``can_admit(index)`` (or blocks in ``wait_admit``) before starting a row,
-    so a slow row 0 cannot make the emitter buffer the rest of a huge input. Rows that are not
-    run (resumed, filtered) are ``skip``ped so the order does not stall on them.
+    so a slow row 0 cannot make the emitter buffer the rest of a huge input; the bounds are on
+    memory, far above the rows in flight, so a slow row delays only its own record. Rows that
+    are not run (resumed, filtered) are ``skip``ped so the order does not stall on them.
     """
 
     def __init__(
-        self, write: Callable[[Record], None], *, ordered: bool = True, window: int = 256
+        self,
+        write: Callable[[Record], None],
+        *,
+        ordered: bool = True,
+        window: int = 256,
+        max_bytes: int = MAX_HELD_BYTES,
     ) -> None:
         if window < 1:
             raise InvalidArgumentError(f"window must be >= 1, got {window}")
         self._write = write
         self.ordered = ordered
         self.window = window
+        self.max_bytes = max_bytes
+        self.held_bytes = 0  # estimated size of the records held back
         self._next = 0
-        self._pending: dict[int, Record | None] = {}  # None marks a skipped index
+        self._pending: dict[int, tuple[Record, int] | None] = {}  # None marks a skipped index
         self._closed = False
         self._cond = threading.Condition()
 
@@ -141,11 +153,12 @@ class OrderedEmitter:
             return sum(1 for record in self._pending.values() if record is not None)
 
     def can_admit(self, index: int) -> bool:
-        """False while ``index`` is ``window`` or more ahead of the next row to write."""
+        """False while ``index`` is ``window`` or more ahead of the next row to write, or
+        while the records held back fill ``max_bytes``."""
         if not self.ordered or self._closed:
             return True
         with self._cond:
-            return index < self._next + self.window
+            return index < self._next + self.window and self.held_bytes < self.max_bytes
 
     def wait_admit(self, index: int, timeout: float | None = None) -> bool:
         """Block until ``can_admit(index)``; call it from the producer, never the writer thread."""
@@ -168,12 +181,22 @@ class OrderedEmitter:
                 return
             if index < self._next or index in self._pending:
                 raise InvalidArgumentError(f"row {index} was already emitted or skipped")
-            self._pending[index] = record
+            if index == self._next:  # the usual case: written at once, never held
+                self._next += 1
+                if record is not None:
+                    self._write(record)
+            elif record is None:
+                self._pending[index] = None
+            else:
+                size = len(_encode(record))
+                self._pending[index] = (record, size)
+                self.held_bytes += size
             while self._next in self._pending:
                 held = self._pending.pop(self._next)
                 self._next += 1
                 if held is not None:
-                    self._write(held)
+                    self.held_bytes -= held[1]
+                    self._write(held[0])
             self._cond.notify_all()
 
     def flush_all(self) -> None:
@@ -186,7 +209,8 @@ class OrderedEmitter:
                 held = self._pending.pop(index)
                 self._next = max(self._next, index + 1)
                 if held is not None:
-                    self._write(held)
+                    self.held_bytes -= held[1]
+                    self._write(held[0])
             self._closed = True
             self._cond.notify_all()
 

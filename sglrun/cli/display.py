@@ -110,7 +110,7 @@ def batch_progress(total: int | None, description: str) -> Iterator[Callable[[Pr
         progress.start()
 
     def advance(state: ProgramState) -> None:
-        failed = state.executor.error_ is not None
+        failed = state.error() is not None
         with lock:
             counts["done"] += 1
             counts["failed"] += int(failed)

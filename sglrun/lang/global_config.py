@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sglrun.backends.base import Backend
+
+ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[Any], None]]]
 
 __all__ = ["GlobalConfig", "global_config"]
 
@@ -18,6 +22,9 @@ class GlobalConfig:
         # Pre-cache a batch's shared prompt prefix (found by a dry run) before the batch runs.
         self.enable_precache_with_tracing = True
         self.enable_parallel_encoding = True
+        # ``run_batch(progress_bar=True)``: (total, description) -> a context manager yielding
+        # ``advance(state)``. Wired by the package (the CLI's display), never imported here.
+        self.batch_progress: ProgressFactory | None = None
         self._lock = threading.Lock()
 
     def resolve_backend(self, backend: Backend | None) -> Backend:

@@ -1,21 +1,24 @@
-"""Cooperative scheduling: many programs of a batch as greenlets on one thread.
+"""Cooperative concurrency: programs as greenlets on one thread, blocking work on workers.
 
 Why: against a fast server a batch spends its CPU switching threads, not running programs.
 Every request parks a thread and wakes it later (about 30 µs of CPU here, more with a hundred
-threads fighting for the GIL), while a greenlet switch costs about 1 µs. So ``run_batch`` on a
-backend that never blocks the thread itself (``Backend.cooperative``) runs each program as a
-``Task`` on a ``Hub`` in the caller's thread. A task that must wait parks, and the hub runs
-another:
+threads fighting for the GIL), while a greenlet switch costs about 1 µs. So every program runs
+as a ``Task`` on a ``Hub``; a task that must wait parks, and the hub runs another:
 
-- ``call_blocking``: work that blocks (an HTTP request, an engine call) runs on a worker thread;
+- ``run_blocking`` / ``Hub.call_blocking``: work that blocks (an HTTP request, an engine call)
+  runs on a worker thread while the task is parked; outside any hub it simply runs;
 - ``gather``: items of many tasks for one ``Batcher`` go out as one batch (SGLang's list form
   of ``/generate``), sent by a worker thread while the hub runs the next programs;
 - ``park`` / ``wake``: a task waits for another (a fork's variable, a finished program).
 
+Every park has a token: a wake carries the token it was meant for and a stale one (an answer
+that arrives after the task was cancelled and moved on) is dropped, so ``cancel`` is safe at any
+park point.
+
 A program's own blocking code (``time.sleep``, its own network calls) holds up every program
 on the hub. The hub adds up the time tasks keep the thread without computing (slices blocked
 longer than ``slow_slice``); once that is over ``BLOCKED_LIMIT`` seconds and a fifth of the
-hub's time, it reports it (``on_slow``) and ``run_batch`` runs the rows not yet started on
+hub's time, it reports it (``on_slow``) and the scheduler runs the rows not yet started on
 threads. Short stalls (waiting for the GIL, the machine pausing the process) stay under it.
 """
 
@@ -26,19 +29,40 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from time import perf_counter, thread_time
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import greenlet
 
-__all__ = ["Batcher", "Hub", "Task", "current_hub", "report_blocking", "start_hub_thread"]
+__all__ = [
+    "Batcher",
+    "Cancelled",
+    "Hub",
+    "Task",
+    "current_hub",
+    "current_task",
+    "report_blocking",
+    "run_blocking",
+]
 
-logger = logging.getLogger("sglrun.lang")
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SLOW_SLICE = 0.02  # a task slice blocked longer than this (seconds) counts as blocking
 BLOCKED_LIMIT = 0.5  # blocked seconds (and a fifth of the hub's time) before on_slow
 BLOCKED_SHARE = 0.2
+WORKER_IDLE = 30.0  # seconds an idle worker thread waits for work before it ends
+
+
+class Cancelled(BaseException):  # noqa: N818 - a signal to unwind, like KeyboardInterrupt
+    """Raised in a task at its park point by ``Hub.cancel``; carries the error to record.
+
+    A ``BaseException`` so that a program's own ``except Exception`` cannot swallow it."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Batcher(Protocol):
@@ -51,7 +75,7 @@ class Batcher(Protocol):
         """Send every group's items in one go; return one outcome per group."""
 
 
-_SPAWN, _STOP = object(), object()  # inbox markers: a posted task, the end of ``serve``
+_SPAWN, _STOP, _CALL = object(), object(), object()  # inbox markers
 
 
 def report_blocking(batch: str) -> Callable[[float], None]:
@@ -73,6 +97,21 @@ def current_hub() -> Hub | None:
     return getattr(greenlet.getcurrent(), "hub", None)
 
 
+def current_task() -> Task | None:
+    """The task running now, or None outside any hub task."""
+    current = greenlet.getcurrent()
+    return current if isinstance(current, Task) else None
+
+
+def run_blocking(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking work without holding up a hub: on a worker thread while the calling task
+    parks, or directly when the caller is no hub task. The one way sglrun waits on I/O."""
+    hub = current_hub()
+    if hub is None:
+        return function(*args, **kwargs)
+    return hub.call_blocking(function, *args, **kwargs)  # type: ignore[no-any-return]
+
+
 class Task(greenlet.greenlet):
     """One function run as a greenlet on a hub; ``result`` or ``error`` once ``done``."""
 
@@ -83,13 +122,21 @@ class Task(greenlet.greenlet):
         self.args = args
         self.done = False
         self.result: Any = None
-        self.error: Exception | None = None
-        self.joiners: list[greenlet.greenlet] = []
+        self.error: BaseException | None = None
+        self.token = 0  # the wake that may resume this task next must carry this value
+        self.joiners: list[tuple[greenlet.greenlet, int]] = []
         self.on_done: Callable[[Task], None] | None = None
+        self.pending_error: BaseException | None = None  # cancelled before it started
+        # A row's time limit (``time.monotonic()``); forks inherit their program's.
+        self.deadline: float | None = getattr(greenlet.getcurrent(), "deadline", None)
 
     def run(self, *_: Any) -> None:  # called by greenlet on the first switch
         try:
+            if self.pending_error is not None:
+                raise self.pending_error
             self.result = self.function(*self.args)
+        except Cancelled as cancelled:
+            self.error = cancelled.error
         except Exception as exc:  # kept for whoever joins the task
             self.error = exc
         finally:
@@ -100,18 +147,69 @@ class Task(greenlet.greenlet):
 class _Pending:
     """One batcher's waiting groups and its batches in flight."""
 
-    __slots__ = ("batcher", "groups", "tasks", "items", "in_flight")
+    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight")
 
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
         self.groups: list[list[Any]] = []
-        self.tasks: list[Task] = []
+        self.waiters: list[tuple[Task, int]] = []
         self.items = 0
         self.in_flight = 0
 
 
+class _Workers:
+    """Daemon worker threads, started as work arrives and ended when idle: an abandoned job
+    (a hung request after an interrupt) can never keep the process from exiting."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit = max(1, limit)
+        self.name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = False
+            if self._idle > 0:
+                self._idle -= 1  # claimed: an idle worker takes this job
+            elif self._threads < self.limit:
+                self._threads += 1
+                start = True
+            # else every worker is busy: the job waits for the first one free
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._work, name=self.name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody claimed this worker: it may end
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue  # a job was claimed for it and is on its way
+            if job is None:
+                with self._lock:
+                    self._threads -= 1
+                return
+            job()
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._jobs.put(None)
+
+
 class Hub:
-    """Runs tasks on the thread that created it; only that thread's greenlets may park."""
+    """Runs tasks on the thread that created it; only that thread's tasks may park."""
 
     def __init__(
         self,
@@ -129,22 +227,28 @@ class Hub:
         self.slow_seen = False  # on_slow was called
         self._started = perf_counter()
         self.live = 0  # tasks spawned and not finished
-        self._ready: deque[tuple[greenlet.greenlet, Any, BaseException | None]] = deque()
+        self.running: Task | None = None  # the task whose slice runs now
+        self.slice_started = 0.0
+        self._ready: deque[tuple[greenlet.greenlet, int, Any, BaseException | None]] = deque()
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._pending: dict[int, _Pending] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _Workers | None = None
         self._stopping = False
 
     # ------------------------------------------------------------------ tasks
     def spawn(self, function: Callable[..., Any], *args: Any) -> Task:
         task = Task(self, function, args)
         self.live += 1
-        self._ready.append((task, None, None))
+        self._ready.append((task, 0, None, None))
         return task
 
     def post(self, function: Callable[..., Any], *args: Any) -> None:
         """Spawn a task from any thread (the hub spawns it when it next looks at its inbox)."""
-        self._inbox.put((_SPAWN, (function, args), None))
+        self._inbox.put((_SPAWN, 0, (function, args), None))
+
+    def call_soon_threadsafe(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on the hub's thread, between tasks, from any thread."""
+        self._inbox.put((_CALL, 0, function, None))
 
     def serve(self) -> None:
         """Run tasks as they are posted until ``stop`` is posted (a hub on its own thread)."""
@@ -156,67 +260,68 @@ class Hub:
 
     def stop(self) -> None:
         """From any thread: let ``serve`` return; tasks still parked are abandoned."""
-        self._inbox.put((_STOP, None, None))
+        self._inbox.put((_STOP, 0, None, None))
 
     def finished(self, task: Task) -> None:
         self.live -= 1
-        for joiner in task.joiners:
-            self._ready.append((joiner, None, None))
+        for joiner, token in task.joiners:
+            self._ready.append((joiner, token, None, None))
         task.joiners.clear()
         if task.on_done is not None:
             task.on_done(task)
 
-    def join(self, task: Task | Future[Any]) -> Any:
-        """Wait for a task (or a thread's future) and return its result or raise its error.
-        From the hub's own greenlet this drives the hub; from a task it parks."""
-        if isinstance(task, Future):
-            return self._join_future(task)
+    def join(self, task: Task) -> Any:
+        """Wait for a task and return its result or raise its error. From the hub's own
+        greenlet this drives the hub; from a task it parks."""
         if not task.done:
-            if greenlet.getcurrent() is self.main:
+            current = greenlet.getcurrent()
+            if current is self.main:
                 while not task.done:
                     self.step()
             else:
-                task.joiners.append(greenlet.getcurrent())
                 while not task.done:
+                    task.joiners.append((current, current.token))
                     self.park()
         if task.error is not None:
             raise task.error
         return task.result
 
-    def _join_future(self, future: Future[Any]) -> Any:
-        if not future.done():
-            if greenlet.getcurrent() is not self.main:
-                return self.call_blocking(future.result)
-            future.add_done_callback(lambda _: self._inbox.put((None, None, None)))
-            while not future.done():
-                self.step()
-        return future.result()
+    def cancel(self, task: Task, error: BaseException) -> None:
+        """Make ``task`` raise ``Cancelled(error)`` where it is parked (or at its start); a
+        task that is not parked now sees it at its next park only if cancelled again."""
+        if task.done:
+            return
+        if task.token == 0:
+            task.pending_error = Cancelled(error)
+            return
+        self._ready.append((task, task.token, None, Cancelled(error)))
 
     # ----------------------------------------------------------------- waiting
     def park(self) -> Any:
-        """Give the thread to the hub until ``wake`` (or a worker's answer) resumes this task."""
+        """Give the thread to the hub until a wake with this task's token resumes it."""
         value, error = self.main.switch()
         if error is not None:
             raise error
         return value
 
-    def wake(self, task: greenlet.greenlet, value: Any = None) -> None:
-        """Resume a parked task (from any thread)."""
+    def wake(self, task: greenlet.greenlet, token: int, value: Any = None) -> None:
+        """Resume a task parked with ``token`` (from any thread)."""
         if threading.get_ident() == self.thread:
-            self._ready.append((task, value, None))
+            self._ready.append((task, token, value, None))
         else:
-            self._inbox.put((task, value, None))
+            self._inbox.put((task, token, value, None))
 
     def call_blocking(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking work on a worker thread; the calling task parks meanwhile."""
         task = greenlet.getcurrent()
+        token = task.token
         inbox = self._inbox
 
         def job() -> None:
             try:
-                inbox.put((task, function(*args, **kwargs), None))
+                inbox.put((task, token, function(*args, **kwargs), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
-                inbox.put((task, None, exc))
+                inbox.put((task, token, None, exc))
 
         self._submit(job)
         return self.park()
@@ -226,19 +331,21 @@ class Hub:
         pending = self._pending.get(id(batcher))
         if pending is None:
             pending = self._pending[id(batcher)] = _Pending(batcher)
+        task = greenlet.getcurrent()
         pending.groups.append(items)
-        pending.tasks.append(greenlet.getcurrent())
+        pending.waiters.append((task, task.token))
         pending.items += len(items)
         return self.park()
 
     # ----------------------------------------------------------------- the loop
     def _submit(self, job: Callable[[], None]) -> None:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sglrun-hub")
+            self._pool = _Workers(self.workers, "sglrun-hub")
         self._pool.submit(job)
 
-    def step(self) -> None:
-        """Run what is ready, send what is gathered, else wait for a worker's answer."""
+    def step(self, timeout: float | None = None) -> None:
+        """Run what is ready, send what is gathered, else wait (up to ``timeout`` seconds)
+        for a worker's answer, a posted task or a wake from another thread."""
         self._take_inbox(block=False)
         if self._ready:
             self._run_ready()
@@ -247,20 +354,24 @@ class Hub:
         self._flush(force=True)
         if self._ready:
             return
-        # Nothing to run: wait for a worker's answer, a posted task or a wake from another
-        # thread.
-        self._take_inbox(block=True)
+        self._take_inbox(block=True, timeout=timeout)
 
     def _run_ready(self) -> None:
         ready = self._ready
         count = 0
         cpu = thread_time()  # once per round: a thread clock read is a system call
         for _ in range(len(ready)):
-            target, value, error = ready.popleft()
-            if target.dead:
-                continue
-            started = perf_counter()
-            target.switch((value, error))
+            target, token, value, error = ready.popleft()
+            if target.dead or token != getattr(target, "token", token):
+                continue  # finished, or a stale wake for a park it has left
+            if isinstance(target, Task):
+                target.token += 1
+                self.running = target
+            started = self.slice_started = perf_counter()
+            try:
+                target.switch((value, error))
+            finally:
+                self.running = None
             spent = perf_counter() - started
             # Wall time the task kept the thread without using it: blocked in its own code
             # (computing, garbage collection included, is not blocking). The CPU time of the
@@ -303,7 +414,7 @@ class Hub:
             count += len(groups[taken])
             taken += 1
         batch, pending.groups = groups[:taken], groups[taken:]
-        tasks, pending.tasks = pending.tasks[:taken], pending.tasks[taken:]
+        waiters, pending.waiters = pending.waiters[:taken], pending.waiters[taken:]
         pending.items -= count
         pending.in_flight += 1
         inbox = self._inbox
@@ -311,51 +422,37 @@ class Hub:
 
         def job() -> None:
             try:
-                inbox.put((pending, (tasks, send_together(batch)), None))
+                inbox.put((pending, 0, (waiters, send_together(batch)), None))
             except BaseException as exc:  # noqa: BLE001 - every task of the batch sees it
-                inbox.put((pending, (tasks, None), exc))
+                inbox.put((pending, 0, (waiters, None), exc))
 
         self._submit(job)
 
-    def _take_inbox(self, *, block: bool) -> None:
+    def _take_inbox(self, *, block: bool, timeout: float | None = None) -> None:
         inbox = self._inbox
         while True:
             try:
-                entry = inbox.get(block)
+                entry = inbox.get(block, timeout) if block else inbox.get_nowait()
             except queue.Empty:
                 return
             block = False
-            target, value, error = entry
+            target, token, value, error = entry
             if isinstance(target, _Pending):  # a batch came back: one outcome per task
                 target.in_flight -= 1
-                tasks, outcomes = value
-                for position, task in enumerate(tasks):
+                waiters, outcomes = value
+                for position, (task, task_token) in enumerate(waiters):
                     outcome = None if error is not None else outcomes[position]
-                    self._ready.append((task, outcome, error))
+                    self._ready.append((task, task_token, outcome, error))
             elif target is _SPAWN:
                 self.spawn(value[0], *value[1])
+            elif target is _CALL:
+                value()
             elif target is _STOP:
                 self._stopping = True
             elif target is not None:
-                self._ready.append((target, value, error))
+                self._ready.append((target, token, value, error))
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.close()
             self._pool = None
-
-
-def start_hub_thread(
-    workers: int, *, on_slow: Callable[[float], None] | None = None, name: str = "sglrun-hub"
-) -> Hub:
-    """A hub serving on its own daemon thread, fed with ``post`` from other threads (the batch
-    runner's feeder); ``stop`` ends it."""
-    started: queue.SimpleQueue[Hub] = queue.SimpleQueue()
-
-    def main() -> None:
-        hub = Hub(workers, on_slow=on_slow)
-        started.put(hub)
-        hub.serve()
-
-    threading.Thread(target=main, name=name, daemon=True).start()
-    return started.get()

@@ -1,10 +1,12 @@
 """The interpreter: executes expressions against one program state's text, roles and variables.
 
-One ``visit_<kind>`` method per IR node kind. The root state of a program executes each
-expression at once in the program's own thread (no thread per state); forked states queue their
-expressions and drain them on a shared pool, so forks generate concurrently. A failure is
-recorded, later expressions are skipped, and readers of missing variables get an error that
-names the variable and the cause instead of waiting forever.
+One ``visit_<kind>`` method per IR node kind. Every program runs as a task of a hub
+(``sglrun.lang.hub``): the root state executes each expression at once in the program's own
+task, and forked states queue their expressions and drain them as tasks of the same hub, so
+forks generate concurrently and a fork never outlives its program (``end`` waits for them; a
+failure or a cancellation cancels them). A failure is recorded, later expressions are skipped,
+and readers of missing variables get an error that names the variable and the cause instead
+of waiting forever.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import greenlet
@@ -27,7 +28,7 @@ from sglrun.errors import (
     VariableNotProducedError,
 )
 from sglrun.lang.chat_template import ChatTemplate
-from sglrun.lang.hub import Hub, current_hub
+from sglrun.lang.hub import Task, current_hub, current_task, run_blocking
 from sglrun.lang.ir import (
     SamplingParams,
     SglConcateAndAppend,
@@ -48,19 +49,6 @@ from sglrun.lang.ir import (
 from sglrun.lang.values import load_image, parse_dtype, split_reasoning
 
 __all__ = ["Executor"]
-
-_fork_pool: ThreadPoolExecutor | None = None
-_fork_pool_lock = threading.Lock()
-
-
-def _shared_fork_pool() -> ThreadPoolExecutor:
-    """One pool drains every forked state's queue; threads are created only as needed."""
-    global _fork_pool
-    if _fork_pool is None:
-        with _fork_pool_lock:
-            if _fork_pool is None:
-                _fork_pool = ThreadPoolExecutor(max_workers=512, thread_name_prefix="sglrun-fork")
-    return _fork_pool
 
 
 def _declared_names(expr: SglExpr) -> list[str]:
@@ -123,8 +111,9 @@ class Executor:
         # produces this state's variables, so it must never wait for one (that would wait
         # for itself).
         self.owner: greenlet.greenlet | None = None
-        self._hub_waiters: list[greenlet.greenlet] = []
-        self.hub: Hub | None = None  # the hub this (forked) state's expressions run on
+        self._hub_waiters: list[tuple[Task, int]] = []
+        self.forks: list[Executor] = []  # children: never outlive this state's program
+        self._drainer: Task | None = None  # the task draining this (forked) state's queue
 
     # ----------------------------------------------------------------- submission
     def submit(self, expr: SglExpr | str) -> None:
@@ -147,22 +136,30 @@ class Executor:
                 return
             self._busy = True
         hub = current_hub()
-        if hub is not None:  # forks of a program on a hub are tasks of the same hub
-            self.hub = hub
-            hub.spawn(self._drain)
-        else:
-            _shared_fork_pool().submit(self._drain)
+        if hub is None:  # a fork appended to outside any program: run it now, here
+            self._drain()
+        else:  # forks are tasks of their program's hub
+            self._drainer = hub.spawn(self._drain)
 
     def _drain(self) -> None:
-        while True:
-            with self._cond:
-                if not self._queue:
+        drained = False
+        try:
+            while True:
+                with self._cond:
+                    if not self._queue:
+                        self._busy = False
+                        self._notify_all()
+                        drained = True
+                        return
+                    expr = self._queue.popleft()
+                if self.error_ is None:
+                    self._execute_guarded(expr)
+        finally:
+            if not drained:  # cancelled: nothing more runs, and nobody waits for it
+                with self._cond:
+                    self._queue.clear()
                     self._busy = False
                     self._notify_all()
-                    return
-                expr = self._queue.popleft()
-            if self.error_ is None:
-                self._execute_guarded(expr)
 
     def _execute_guarded(self, expr: SglExpr) -> None:
         try:
@@ -186,21 +183,14 @@ class Executor:
     def _wait(self) -> None:
         """Wait (holding ``_cond``) for a notify. A task on a hub parks instead of blocking
         the thread, so the hub runs the tasks that will notify it."""
-        hub = current_hub()
-        if hub is None:
-            if self.hub is not None and greenlet.getcurrent() is self.hub.main:
-                self._cond.release()  # the hub's own thread reads a fork: run the hub a step
-                try:
-                    self.hub.step()
-                finally:
-                    self._cond.acquire()
-            else:
-                self._cond.wait()
+        task = current_task()
+        if task is None:
+            self._cond.wait()
             return
-        self._hub_waiters.append(greenlet.getcurrent())
+        self._hub_waiters.append((task, task.token))
         self._cond.release()  # never park holding a lock another task may need
         try:
-            hub.park()
+            task.hub.park()
         finally:
             self._cond.acquire()
 
@@ -208,15 +198,14 @@ class Executor:
         self._cond.notify_all()
         if self._hub_waiters:
             waiters, self._hub_waiters = self._hub_waiters, []
-            for waiter in waiters:
-                waiter.hub.wake(waiter)
+            for waiter, token in waiters:
+                waiter.hub.wake(waiter, token)
 
     def call_backend(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call the backend; on a hub, one that would block the thread runs on a worker."""
-        hub = current_hub()
-        if hub is None or (self.backend.cooperative and "on_chunk" not in kwargs):
+        if self.backend.cooperative and "on_chunk" not in kwargs:
             return method(*args, **kwargs)
-        return hub.call_blocking(method, *args, **kwargs)
+        return run_blocking(method, *args, **kwargs)
 
     def sync(self) -> None:
         """Wait until every queued expression has run."""
@@ -226,12 +215,26 @@ class Executor:
             while self._busy:
                 self._wait()
 
-    def end(self) -> None:
-        """The program returned: readers stop waiting for more text."""
-        self.sync()
+    def end(self, *, wait: bool = True) -> None:
+        """The program returned: wait for its forks (they never outlive it), then readers
+        stop waiting for more text. ``wait=False`` after a cancellation or a kill."""
+        if wait:
+            self.sync()
+            for child in self.forks:
+                child.end()
         with self._cond:
             self.finished = True
             self._notify_all()
+
+    def cancel(self, error: BaseException) -> None:
+        """Stop this state and every fork of it: queued expressions are dropped and a fork
+        parked on the model raises ``Cancelled`` where it waits."""
+        self.fail(error)
+        for child in self.forks:
+            child.cancel(error)
+        drainer = self._drainer
+        if drainer is not None and not drainer.done and drainer is not greenlet.getcurrent():
+            drainer.hub.cancel(drainer, error)
 
     # ----------------------------------------------------------------- reading
     def get_var(self, name: str) -> Any:
@@ -565,4 +568,5 @@ class Executor:
             child.images_ = list(self.images_)
             child.fork_start_text_pos = len(self.text_)
             children.append(child)
+        self.forks.extend(children)
         return children

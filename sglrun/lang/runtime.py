@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import greenlet
 
 from sglrun.lang.global_config import global_config
-from sglrun.lang.hub import Hub, Task, current_hub, report_blocking
+from sglrun.lang.hub import Cancelled, current_hub
 from sglrun.lang.interpreter import Executor
 from sglrun.lang.ir import SamplingParams
+from sglrun.lang.scheduler import InOrder, Scheduler, auto_concurrency, run_on_own_hub
 from sglrun.lang.state import ProgramState
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sglrun.backends.base import Backend
     from sglrun.lang.chat_template import ChatTemplate
     from sglrun.lang.function import SglFunction
 
-__all__ = ["dry_run", "fewer_collections", "run_program", "run_program_batch", "shared_prefix"]
+__all__ = ["dry_run", "execute", "new_state", "run_program", "run_program_batch", "shared_prefix"]
 
 PLACEHOLDER = "{{{name}}}"
+REORDER_WINDOW = 4096  # generator-style run_batch: finished states held to keep the order
 
 
 def new_state(
@@ -50,15 +50,27 @@ def new_state(
 
 
 def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any]) -> None:
-    """Call the program; its own exception is kept in ``state.error()``, never raised."""
+    """Call the program; its own exception is kept in ``state.error()``, never raised. Its
+    forks end with it: waited for when it returns, cancelled when it fails or is cancelled."""
     executor = state.executor
     executor.owner = greenlet.getcurrent()
     try:
         state.ret_value = function.func(state, **arguments)
+    except Cancelled as cancelled:  # a time limit: record it, stop the forks, do not wait
+        executor.cancel(cancelled.error)
+        executor.end(wait=False)
+        return
     except Exception as exc:
         executor.fail(exc)
-    finally:
+        executor.cancel(exc)
+    except BaseException:  # the task itself is being killed: unwind without waiting
+        executor.end(wait=False)
+        raise
+    try:
         executor.end()
+    except Cancelled as cancelled:  # cancelled while waiting for its forks
+        executor.cancel(cancelled.error)
+        executor.end(wait=False)
 
 
 def run_program(
@@ -69,20 +81,32 @@ def run_program(
     *,
     stream: bool = False,
 ) -> ProgramState:
+    """One program: on the hub running the caller (a program inside a program), else on a
+    hub of its own in this thread, or in a thread of its own when streaming."""
     backend = global_config.resolve_backend(backend)
     state = new_state(function, backend, arguments, defaults, stream=stream)
     if stream:
         worker = threading.Thread(
-            target=execute, args=(function, state, arguments), name="sglrun-stream", daemon=True
+            target=run_on_own_hub,
+            args=(execute, function, state, arguments),
+            name="sglrun-stream",
+            daemon=True,
         )
         worker.start()
+        return state
+    hub = current_hub()
+    if hub is not None:
+        hub.join(hub.spawn(execute, function, state, arguments))
     else:
-        execute(function, state, arguments)
+        run_on_own_hub(execute, function, state, arguments)
     return state
 
 
-def auto_threads(rows: int) -> int:
-    return max(1, min(rows, max(96, (os.cpu_count() or 2) * 16)))
+def concurrency_for(num_threads: str | int, backend: Backend, rows: int) -> int:
+    """``num_threads``: an int, or ``"auto"`` (the backend's own limit, else the default)."""
+    if num_threads == "auto":
+        return auto_concurrency(backend, rows)
+    return max(1, min(int(num_threads), rows))
 
 
 def run_program_batch(
@@ -102,8 +126,9 @@ def run_program_batch(
         prefix = shared_prefix(function, rows[:2], backend.get_chat_template())
         if len(prefix) > 64:
             backend.cache_prefix(prefix)
-    threads = auto_threads(len(rows)) if num_threads == "auto" else min(int(num_threads), len(rows))
-    states = _run_rows(function, backend, rows, defaults, threads, progress_bar)
+    concurrency = concurrency_for(num_threads, backend, len(rows))
+    progress = global_config.batch_progress if progress_bar else None
+    states = _run_rows(function, backend, rows, defaults, concurrency, progress)
     return states if generator_style else list(states)
 
 
@@ -112,123 +137,35 @@ def _run_rows(
     backend: Backend,
     rows: list[dict[str, Any]],
     defaults: SamplingParams,
-    threads: int,
-    progress_bar: bool,
+    concurrency: int,
+    progress: Callable[[int, str], AbstractContextManager[Callable[[ProgramState], None]]]
+    | None,
 ) -> Iterator[ProgramState]:
-    """Yield states in input order, with at most ``threads`` programs running at once (on a
-    hub when the backend is cooperative, else on threads)."""
+    """Yield states in input order; the scheduler keeps ``concurrency`` programs in flight."""
 
     def one(arguments: dict[str, Any]) -> ProgramState:
         state = new_state(function, backend, arguments, defaults)
         execute(function, state, arguments)
         return state
 
-    progress = None
-    if progress_bar:
-        from sglrun.cli.display import batch_progress
-
-        progress = batch_progress(total=len(rows), description=function.name)
-    advance = progress.__enter__() if progress is not None else None
+    scheduler = Scheduler(concurrency, name=f"run_batch({function.name})")
+    order = InOrder()
+    window = max(REORDER_WINDOW, 4 * concurrency)
+    finished = scheduler.imap(one, rows, admit=lambda index: index < order.expected + window)
+    bar = progress(len(rows), function.name) if progress is not None else None
+    advance = bar.__enter__() if bar is not None else None
     try:
-        with fewer_collections():
-            if threads == 1:
-                for arguments in rows:
-                    state = one(arguments)
-                    if advance:
-                        advance(state)
-                    yield state
-            elif backend.cooperative:
-                yield from _on_hub(one, rows, threads, advance, function.name)
-            else:
-                yield from _on_threads(one, rows, threads, advance)
+        for item in finished:
+            if item.error is not None:  # execute() keeps program errors: this is a bug
+                raise item.error
+            if advance is not None:
+                advance(item.result)
+            for ready in order.push(item):
+                yield ready.result
     finally:
-        if progress is not None:
-            progress.__exit__(None, None, None)
-
-
-FIRST_GC_THRESHOLD = 20_000
-
-
-@contextlib.contextmanager
-def fewer_collections() -> Iterator[None]:
-    """Raise the garbage collector's first threshold while a batch runs, then put it back.
-
-    A batch allocates a few dozen objects per program; with the default threshold (700
-    allocations) the collector ran often enough to take half the runtime's own CPU (measured:
-    0.19 vs 0.12 ms per program of the benchmark's reference program). The setting is
-    process-wide, so it is restored only if nobody changed it meanwhile.
-    """
-    saved = gc.get_threshold()
-    ours = (max(saved[0], FIRST_GC_THRESHOLD), *saved[1:])
-    gc.set_threshold(*ours)
-    try:
-        yield
-    finally:
-        if gc.get_threshold() == ours:
-            gc.set_threshold(*saved)
-
-
-def _on_threads(
-    one: Callable[[dict[str, Any]], ProgramState],
-    rows: list[dict[str, Any]],
-    threads: int,
-    advance: Callable[[ProgramState], None] | None,
-) -> Iterator[ProgramState]:
-    with ThreadPoolExecutor(threads, thread_name_prefix="sglrun-batch") as pool:
-        window: deque[Future[ProgramState]] = deque()
-        for arguments in rows:
-            future = pool.submit(one, arguments)
-            if advance:
-                future.add_done_callback(lambda f: advance(f.result()))
-            window.append(future)
-            if len(window) >= threads * 4:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
-def _on_hub(
-    one: Callable[[dict[str, Any]], ProgramState],
-    rows: list[dict[str, Any]],
-    concurrency: int,
-    advance: Callable[[ProgramState], None] | None,
-    name: str,
-) -> Iterator[ProgramState]:
-    """Programs as tasks of one hub in this thread (or of the hub already running this
-    program, for a batch inside a program). Once a program blocks the thread in its own code,
-    the rows not yet started run on threads instead."""
-
-    hub = current_hub()
-    own_hub = hub is None
-    if hub is None:
-        hub = Hub(concurrency, on_slow=report_blocking(f"run_batch({name})"))
-    fallback: ThreadPoolExecutor | None = None
-    window: deque[Task | Future[ProgramState]] = deque()
-    try:
-        for arguments in rows:
-            job: Task | Future[ProgramState]
-            if not hub.slow_seen:
-                job = hub.spawn(one, arguments)
-                if advance:
-                    job.on_done = lambda task: advance(task.result)
-            else:
-                if fallback is None:
-                    fallback = ThreadPoolExecutor(concurrency, thread_name_prefix="sglrun-batch")
-                job = fallback.submit(one, arguments)
-                if advance:
-                    job.add_done_callback(lambda f: advance(f.result()))
-            window.append(job)
-            if len(window) >= concurrency:
-                yield hub.join(window.popleft())
-        while window:
-            yield hub.join(window.popleft())
-        while own_hub and hub.live:  # forks a program left running
-            hub.step()
-    finally:
-        if own_hub:
-            hub.close()
-        if fallback is not None:
-            fallback.shutdown(wait=False)
+        finished.close()
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
 
 def _template_for_dry_run() -> ChatTemplate:

@@ -96,7 +96,7 @@ def test_slow_round_trips_turn_coalescing_off():
     coalescer = Coalescer(send, max_in_flight=1, latency_threshold=0.05)
     coalescer.call([{"text": "warm"}])
     assert coalescer.latency > 0.0
-    coalescer.latency = 1.0  # as if the server took a second per request
+    assert coalescer.slow  # its one round trip (80 ms) is over the threshold
     hammer(coalescer, [f"t{i}" for i in range(8)])
     assert all(len(batch) == 1 for batch in send.batches)
 

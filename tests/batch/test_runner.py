@@ -431,11 +431,12 @@ def test_stream_mode_reading_a_missing_variable_is_an_error_not_a_hang():
 
 
 def where_backend(**options) -> FakeBackend:
-    """Replies with where the row ran: 'hub' for a hub task, else the thread's name."""
+    """Replies with where the backend was called: on a hub task or not, and the thread."""
     from sglrun.lang.hub import current_hub
 
     def reply(request):
-        return "hub" if current_hub() is not None else threading.current_thread().name
+        task = "hub" if current_hub() is not None else "nohub"
+        return f"{task}:{threading.current_thread().name}"
 
     return FakeBackend(reply, **options)
 
@@ -444,14 +445,14 @@ def test_rows_on_a_cooperative_backend_run_as_tasks_of_one_hub_thread():
     stats, records = run(echo, rows_of([{"question": f"q{i}"} for i in range(40)]),
                          where_backend(), num_threads=8)
     assert stats.ok == 40
-    assert {r["vars"]["answer"] for r in records} == {"hub"}
+    assert {r["vars"]["answer"] for r in records} == {f"hub:{threading.current_thread().name}"}
 
 
-def test_rows_on_a_blocking_backend_run_on_worker_threads():
+def test_rows_on_a_blocking_backend_call_it_on_worker_threads():
     stats, records = run(echo, rows_of([{"question": f"q{i}"} for i in range(6)]),
                          where_backend(delay=0.01), num_threads=3)
     assert stats.ok == 6
-    assert all(r["vars"]["answer"].startswith("sglrun-row-") for r in records)
+    assert all(r["vars"]["answer"].startswith("nohub:sglrun-hub") for r in records)
 
 
 @sgl.function
@@ -468,7 +469,8 @@ def test_rows_that_block_the_hub_move_to_worker_threads(caplog):
                          where_backend(), num_threads=8)
     assert stats.ok == 30 and [r["id"] for r in records] == [str(i) for i in range(30)]
     places = [r["vars"]["answer"] for r in records]
-    assert places[0] == "hub" and any(p.startswith("sglrun-row-") for p in places)
+    here = f"hub:{threading.current_thread().name}"
+    assert places[0] == here and any(p.startswith("hub:sglrun-row") for p in places)
     assert any("blocked" in record.getMessage() for record in caplog.records)
 
 

@@ -152,10 +152,11 @@ def test_run_batch_on_a_cooperative_backend_runs_programs_as_hub_tasks():
     assert [s["b"] for s in states] == [f"b:t{i}:hub" for i in range(30)]
 
 
-def test_run_batch_on_a_blocking_backend_runs_programs_on_threads():
+def test_run_batch_on_a_blocking_backend_calls_it_on_worker_threads():
     backend = echo_backend(delay=0.01)  # a delay sleeps: not cooperative
     states = two_gens.run_batch([{"topic": f"t{i}"} for i in range(6)], backend=backend)
-    assert all(s["a"].startswith(f"a:t{i}:sglrun-batch") for i, s in enumerate(states))
+    assert all(s["a"].startswith(f"a:t{i}:sglrun-hub") for i, s in enumerate(states))
+    assert backend.max_in_flight > 1  # the programs waited on the engine at the same time
 
 
 def test_generator_style_yields_in_order_on_the_hub():
@@ -231,6 +232,6 @@ def test_programs_that_block_the_hub_move_to_threads(caplog):
     rows = [{"topic": f"t{i};"} for i in range(24)]
     states = sleepy.run_batch(rows, backend=echo_backend(), num_threads=8)
     assert [s.text().split(";")[0] for s in states] == [f"t{i}" for i in range(24)]
-    on_threads = [s for s in states if "sglrun-batch" in s.text()]
+    on_threads = [s for s in states if "sglrun-row" in s.text()]
     assert on_threads, "no row left the hub"
     assert any("blocked" in record.getMessage() for record in caplog.records)
