@@ -91,7 +91,11 @@ class ModelNotFoundError(BackendError):
 
 
 class TransportError(BackendError):
-    """A request got no answer: connection refused or reset, or a timeout."""
+    """A request got no answer: connection refused or reset, or a timeout (``timed_out``)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class ServerError(BackendError):
@@ -100,6 +104,7 @@ class ServerError(BackendError):
     def __init__(self, status: int, message: str, url: str = "") -> None:
         self.status = status
         self.server_message = message
+        self.url = url
         where = f" from {url}" if url else ""
         super().__init__(f"HTTP {status}{where}: {message}")
 

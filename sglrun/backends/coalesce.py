@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sglrun.lang.hub import Hub, current_hub
+from sglrun.lang.loop_hub import LoopHub
 
 __all__ = ["Coalescer"]
 
@@ -67,8 +68,12 @@ class Coalescer:
         max_batch: int = 256,
         max_in_flight: int = 8,
         latency_threshold: float = COALESCE_BELOW,
+        cooperative: bool = False,
     ) -> None:
         self._send_batch = send_batch
+        # ``send_batch`` parks its caller on a hub instead of blocking (the HTTP transport):
+        # batches go out from hub tasks, lone requests from the program's own task.
+        self.cooperative = cooperative
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.latency_threshold = latency_threshold
@@ -94,10 +99,11 @@ class Coalescer:
     def call(self, items: list[dict[str, Any]]) -> list[Any]:
         """Send ``items`` (alone or with others) and return their results in order."""
         hub = current_hub()
-        if hub is not None and hub.live > 1:
+        if hub is not None and (hub.live > 1 or isinstance(hub, LoopHub)):
             return self._call_on_hub(hub, items)
         # Threads (or a hub running one program, e.g. ``run()`` in a user's thread): callers
-        # in other threads are the ones to coalesce with.
+        # in other threads are the ones to coalesce with. Never on the I/O thread's hub: a
+        # task there must not wait for a leader whose request needs that very thread.
         waiter = _Waiter(items)
         with self._lock:
             self._queue.append(waiter)
@@ -120,13 +126,14 @@ class Coalescer:
 
     def _call_on_hub(self, hub: Hub, items: list[dict[str, Any]]) -> list[Any]:
         now = time.monotonic()
+        send = (lambda f, *a: f(*a)) if self.cooperative else hub.call_blocking
         if self.slow or now - self._last_probe > PROBE_INTERVAL:
             # A slow server (or a due measurement): no batch, so no wait for the slowest item.
             self._last_probe = now
-            return hub.call_blocking(self._send_alone, items)  # type: ignore[no-any-return]
+            return send(self._send_alone, items)  # type: ignore[no-any-return]
         outcome = hub.gather(self, items)
         if outcome is SOLO:
-            return hub.call_blocking(self._send_batch, items)  # type: ignore[no-any-return]
+            return send(self._send_batch, items)  # type: ignore[no-any-return]
         return outcome  # type: ignore[no-any-return]
 
     def _send_alone(self, items: list[dict[str, Any]]) -> list[Any]:

@@ -1,38 +1,55 @@
 """One pooled HTTP transport shared by the server backends.
 
-``HTTPTransport`` sends JSON requests over a urllib3 keep-alive pool, retries what is worth
-retrying (connection errors, 408, 429 and 5xx; never another 4xx) with exponential backoff and
-full jitter, honours ``Retry-After``, stops after ``retries`` retries or ``retry_time`` seconds,
-whichever comes first, and turns failures into ``ServerError`` (carrying the server's own
-message) or ``TransportError``. ``stream`` reads Server-Sent Events. With several base URLs an
-``EndpointPool`` spreads requests over them and rests an endpoint that fails.
+``HTTPTransport`` sends JSON requests with aiohttp on the process's one I/O loop
+(``sglrun.backends.aio``): a program on a hub parks while its request is out, any other caller
+waits in its own thread. It retries what is worth retrying (connection errors, 408, 429 and
+5xx; never another 4xx) with exponential backoff and full jitter, waits at least what a
+``Retry-After`` asks, stops after ``retries`` retries or ``retry_time`` seconds, whichever comes
+first, and turns failures into ``ServerError`` (carrying the server's own message),
+or ``TransportError`` (``timed_out`` for a deadline). Every attempt has a total deadline (connect, send and
+every read) and a cap on the size of the answer. ``stream`` reads Server-Sent Events. With
+several base URLs an ``EndpointPool`` spreads requests over them and rests one that fails.
 
-Secrets (API keys) travel in headers only and are masked in every message, repr and log line.
+Secrets (API keys, a URL's own password) travel in headers only and are masked in every
+message, repr and log line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import email.utils
 import logging
+import queue
 import random
+import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import orjson
-import urllib3
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ReadTimeoutError, SSLError
 
+from sglrun.backends.aio import on_io_thread, run_async, spawn_async
+from sglrun.backends.http_support import (
+    DEFAULT_TIMEOUT,
+    MASK,
+    EndpointPool,
+    SSEEvent,
+    SSEParser,
+    Timeout,
+    error_message,
+    parse_sse,
+    raise_stream_error,
+    retry_after_seconds,
+)
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
-from sglrun.lang.hub import current_hub, run_blocking
+from sglrun.lang.hub import current_task
 
 __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_RETRY_TIME",
     "DEFAULT_TIMEOUT",
+    "MAX_RESPONSE_BYTES",
     "EndpointPool",
     "HTTPTransport",
     "SSEEvent",
@@ -42,19 +59,14 @@ __all__ = [
 
 logger = logging.getLogger("sglrun.http")
 
-DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 600.0)  # (connect, read) seconds
 DEFAULT_RETRIES = 4
 DEFAULT_RETRY_TIME = 120.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a JSON answer bigger than this is a broken server
 RETRY_STATUSES = frozenset({408, 429})
 SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "proxy-authorization"})
-_MASK = "***"
+_ERROR_BODY_BYTES = 1024 * 1024
 
-
-class SSEEvent(NamedTuple):
-    """One Server-Sent Event: its ``event:`` name (None when unnamed) and parsed ``data:``."""
-
-    event: str | None
-    data: Any
+_parse_sse = parse_sse  # the name the tests of the SSE format use
 
 
 @dataclasses.dataclass
@@ -69,170 +81,6 @@ class TransportStats:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass
-class _Endpoint:
-    url: str
-    in_flight: int = 0
-    cooldown_until: float = 0.0
-    cooldown: float = 0.0
-    failures: int = 0
-
-
-class EndpointPool:
-    """Several base URLs of equivalent servers. ``acquire`` picks the available endpoint with
-    the fewest requests in flight; ``release(failed=True)`` rests it for a cool-down that
-    doubles while it keeps failing. When every endpoint rests, the one back soonest is used."""
-
-    def __init__(
-        self,
-        urls: str | Sequence[str],
-        *,
-        cooldown: float = 5.0,
-        max_cooldown: float = 300.0,
-        clock: Any = time.monotonic,
-    ) -> None:
-        if isinstance(urls, str):
-            urls = [urls]
-        cleaned = [str(u).rstrip("/") for u in urls if str(u).strip()]
-        if not cleaned:
-            raise InvalidArgumentError("at least one server URL is needed")
-        for url in cleaned:
-            if not url.startswith(("http://", "https://")):
-                raise InvalidArgumentError(f"server URL must start with http:// or https://: {url}")
-        self.endpoints = [_Endpoint(url) for url in cleaned]
-        self.base_cooldown = cooldown
-        self.max_cooldown = max_cooldown
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._turn = 0
-
-    @property
-    def urls(self) -> list[str]:
-        return [e.url for e in self.endpoints]
-
-    def __len__(self) -> int:
-        return len(self.endpoints)
-
-    def acquire(self) -> _Endpoint:
-        with self._lock:
-            now = self._clock()
-            count = len(self.endpoints)
-            order = [self.endpoints[(self._turn + i) % count] for i in range(count)]
-            self._turn = (self._turn + 1) % count
-            ready = [e for e in order if e.cooldown_until <= now]
-            if ready:
-                chosen = min(ready, key=lambda e: e.in_flight)
-            else:
-                chosen = min(order, key=lambda e: e.cooldown_until)
-            chosen.in_flight += 1
-            return chosen
-
-    def release(self, endpoint: _Endpoint, *, failed: bool) -> None:
-        with self._lock:
-            endpoint.in_flight = max(0, endpoint.in_flight - 1)
-            if failed:
-                endpoint.failures += 1
-                endpoint.cooldown = min(
-                    self.max_cooldown,
-                    endpoint.cooldown * 2 if endpoint.cooldown else self.base_cooldown,
-                )
-                endpoint.cooldown_until = self._clock() + endpoint.cooldown
-                if len(self.endpoints) > 1:
-                    logger.info(
-                        "endpoint %s rests for %.1f s after a failure", endpoint.url,
-                        endpoint.cooldown,
-                    )
-            else:
-                endpoint.failures = 0
-                endpoint.cooldown = 0.0
-                endpoint.cooldown_until = 0.0
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self._lock:
-            now = self._clock()
-            return [
-                {
-                    "url": e.url,
-                    "in_flight": e.in_flight,
-                    "resting_for": max(0.0, e.cooldown_until - now),
-                    "failures": e.failures,
-                }
-                for e in self.endpoints
-            ]
-
-    def __repr__(self) -> str:
-        return f"EndpointPool({self.urls!r})"
-
-
-def _message_from_json(data: Any) -> str | None:
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict):
-            message = error.get("message") or error.get("msg")
-            if message:
-                return str(message)
-            return orjson.dumps(error).decode()
-        if isinstance(error, str) and error:
-            return error
-        detail = data.get("detail")
-        if isinstance(detail, str) and detail:
-            return detail
-        if isinstance(detail, list) and detail:  # FastAPI validation errors
-            parts = []
-            for item in detail:
-                if isinstance(item, dict):
-                    where = ".".join(str(x) for x in item.get("loc", []))
-                    parts.append(f"{where}: {item.get('msg', item)}" if where else str(item))
-                else:
-                    parts.append(str(item))
-            return "; ".join(parts)
-        message = data.get("message")
-        if isinstance(message, str) and message:
-            return message
-    return None
-
-
-def error_message(body: bytes | str, limit: int = 500) -> str:
-    """The server's own message from an error body: ``{"error": {"message"}}``,
-    ``{"error": "..."}``, ``{"detail"}``, ``{"message"}``, or else the (shortened) text."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    try:
-        message = _message_from_json(orjson.loads(text))
-    except orjson.JSONDecodeError:
-        message = None
-    if message is None:
-        message = text.strip() or "(empty response body)"
-    return message if len(message) <= limit else message[:limit] + "..."
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _as_timeout(timeout: Any) -> urllib3.Timeout:
-    if isinstance(timeout, urllib3.Timeout):
-        return timeout
-    if isinstance(timeout, (tuple, list)):
-        connect, read = timeout
-        return urllib3.Timeout(connect=connect, read=read)
-    if isinstance(timeout, (int, float)):
-        return urllib3.Timeout(connect=min(float(timeout), DEFAULT_TIMEOUT[0]), read=timeout)
-    raise InvalidArgumentError(f"timeout must be seconds or (connect, read), not {timeout!r}")
-
-
 class _Failure(Exception):
     """Internal: one failed attempt, with what the retry loop needs to decide."""
 
@@ -244,6 +92,17 @@ class _Failure(Exception):
         self.retryable = retryable
         self.endpoint_failed = endpoint_failed
         self.wait = wait
+
+
+class _Answer:
+    """A response whose status is below 400: its body already read, or (streams) open."""
+
+    __slots__ = ("content_type", "data", "response")
+
+    def __init__(self, content_type: str, data: bytes, response: Any = None) -> None:
+        self.content_type = content_type
+        self.data = data
+        self.response = response
 
 
 class HTTPTransport:
@@ -262,39 +121,37 @@ class HTTPTransport:
         max_backoff: float = 20.0,
         retry_read_timeouts: bool = False,
         verify: bool | str | None = None,
-        pool_maxsize: int = 64,
         cooldown: float = 5.0,
         max_cooldown: float = 300.0,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         retries = DEFAULT_RETRIES if retries is None else int(retries)
         if retries < 0:
             raise InvalidArgumentError("retries must be >= 0")
-        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.pool = EndpointPool(base_url, cooldown=cooldown, max_cooldown=max_cooldown)
         self._headers = {"Accept": "application/json", **dict(headers or {})}
         found = [v for k, v in self._headers.items() if k.lower() in SECRET_HEADERS]
         found += [v.split(" ", 1)[1] for v in list(found) if " " in v]
         self._secrets = sorted(
-            {s for s in [*found, *secrets] if s and len(s) >= 4}, key=len, reverse=True
+            {s for s in [*found, *secrets, *self.pool.secrets] if s and len(s) >= 4},
+            key=len,
+            reverse=True,
         )
-        self.timeout = _as_timeout(timeout)
+        self.timeout = Timeout.of(timeout)
         self.retries = retries
         self.retry_time = retry_time
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.retry_read_timeouts = retry_read_timeouts
-        pool_kw: dict[str, Any] = {}
-        if verify is False:
-            pool_kw["cert_reqs"] = "CERT_NONE"
-            pool_kw["assert_hostname"] = False
-        else:
-            pool_kw["cert_reqs"] = "CERT_REQUIRED"
-            if isinstance(verify, str):
-                pool_kw["ca_certs"] = verify
+        self.max_response_bytes = max_response_bytes
         self.verify = verify if verify is not None else True
-        self._http = urllib3.PoolManager(
-            num_pools=max(10, 2 * len(self.pool)), maxsize=pool_maxsize, block=False, **pool_kw
-        )
+        self._ssl: ssl.SSLContext | bool = True
+        if verify is False:
+            self._ssl = False
+        elif isinstance(verify, str):
+            self._ssl = ssl.create_default_context(cafile=verify)
+        self._session: Any = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._stats = TransportStats()
         self._stats_lock = threading.Lock()
 
@@ -312,19 +169,41 @@ class HTTPTransport:
     def redact(self, text: str) -> str:
         """``text`` with every secret this transport carries replaced by ``***``."""
         for secret in self._secrets:
-            text = text.replace(secret, _MASK)
+            text = text.replace(secret, MASK)
         return text
 
     def __repr__(self) -> str:
         shown = {
-            k: (_MASK if k.lower() in SECRET_HEADERS else v)
+            k: (MASK if k.lower() in SECRET_HEADERS else v)
             for k, v in self._headers.items()
             if k.lower() != "accept"
         }
         return f"HTTPTransport(endpoints={self.pool.urls!r}, headers={shown!r})"
 
     def close(self) -> None:
-        self._http.clear()
+        """Close the connections (waits briefly; safe to call more than once)."""
+        session, self._session = self._session, None
+        if session is None or session.closed:
+            return
+        done = threading.Event()
+        spawn_async(session.close, lambda value, error: done.set())
+        if not on_io_thread() and current_task() is None:
+            done.wait(2.0)
+
+    async def _client(self) -> Any:
+        """This transport's aiohttp session on the running loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=0, ssl=self._ssl, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(connector=connector, trust_env=False)
+            # aiohttp silently resends an idempotent request once when a reused connection
+            # drops; every attempt here is counted and bounded by our own retry policy.
+            if hasattr(session, "_retry_connection"):
+                session._retry_connection = False
+            self._session, self._session_loop = session, loop
+        return self._session
 
     # ---------------------------------------------------------------- requests
     def request(
@@ -337,10 +216,9 @@ class HTTPTransport:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Send a request and return the parsed JSON answer (or its text if not JSON)."""
-        # A program on a hub waits on a worker thread, never on the hub's.
-        return run_blocking(self._request, method, path, body, timeout, headers)
+        return run_async(lambda: self._request(method, path, body, timeout, headers))
 
-    def _request(
+    async def _request(
         self,
         method: str,
         path: str,
@@ -348,16 +226,15 @@ class HTTPTransport:
         timeout: Any,
         headers: Mapping[str, str] | None,
     ) -> Any:
-        response, endpoint = self._send(method, path, body, timeout, headers, stream=False)
-        data = response.data
-        content_type = response.headers.get("Content-Type", "")
+        answer, endpoint = await self._send(method, path, body, timeout, headers, stream=False)
+        data = answer.data
         if not data:
             return None
-        if "json" in content_type or data[:1] in (b"{", b"["):
+        if "json" in answer.content_type or data[:1] in (b"{", b"["):
             try:
                 return orjson.loads(data)
             except orjson.JSONDecodeError as exc:
-                if "json" in content_type:
+                if "json" in answer.content_type:
                     raise TransportError(
                         f"{method} {endpoint.url}{path}: the server sent invalid JSON ({exc})"
                     ) from None
@@ -375,41 +252,79 @@ class HTTPTransport:
         """Send a request and yield its Server-Sent Events until ``data: [DONE]`` or the end of
         the body. An ``error`` event (or a data payload that is only an error) raises
         ``ServerError``. Retries happen only before the first byte of the body is read.
-        On a hub the whole stream is read on a worker thread, then replayed."""
-        hub = current_hub()
-        if hub is not None:
-            yield from hub.call_blocking(
-                lambda: list(self.stream(method, path, body, timeout=timeout, headers=headers))
+        From a hub task the whole stream is read first, then replayed (streaming callers
+        run on worker threads)."""
+        if current_task() is not None:
+            events: list[SSEEvent] = run_async(
+                lambda: self._stream(method, path, body, timeout, headers, None)
             )
+            yield from events
             return
-        hdrs = {"Accept": "text/event-stream", **dict(headers or {})}
-        response, endpoint = self._send(method, path, body, timeout, hdrs, stream=True)
-        url = endpoint.url + path
-        finished = False
+        pipe: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        cancel = spawn_async(
+            lambda: self._stream(method, path, body, timeout, headers, pipe.put),
+            lambda value, error: pipe.put((True, error)),
+        )
         try:
-            for event in _parse_sse(_iter_lines(response)):
-                _raise_stream_error(event, url, self.redact)
-                yield event
-            finished = True
-        except Urllib3Error as exc:
+            while True:
+                ended, value = pipe.get()
+                if ended:
+                    if value is not None:
+                        raise value
+                    return
+                yield value
+        finally:
+            cancel()
+
+    async def _stream(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        timeout: Any,
+        headers: Mapping[str, str] | None,
+        emit: Callable[[tuple[bool, Any]], None] | None,
+    ) -> list[SSEEvent]:
+        """Read the stream's events: each to ``emit`` as it comes, else all returned."""
+        import aiohttp
+
+        hdrs = {"Accept": "text/event-stream", **dict(headers or {})}
+        answer, endpoint = await self._send(method, path, body, timeout, hdrs, stream=True)
+        response = answer.response
+        url = endpoint.url + path
+        collected: list[SSEEvent] = []
+        parser = SSEParser()
+        try:
+            async for raw in response.content:
+                event = parser.feed(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+                if event is SSEParser.DONE:
+                    break
+                if event is None:
+                    continue
+                raise_stream_error(event, url, self.redact)
+                if emit is not None:
+                    emit((False, event))
+                else:
+                    collected.append(event)
+            else:
+                event = parser.finish()
+                if event is not None and event is not SSEParser.DONE:
+                    raise_stream_error(event, url, self.redact)
+                    if emit is not None:
+                        emit((False, event))
+                    else:
+                        collected.append(event)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._count(failures=1)
             raise TransportError(
                 self.redact(f"{method} {url}: the stream broke: {type(exc).__name__}: {exc}")
             ) from None
         finally:
-            reusable = False
-            if finished:  # read what follows [DONE] (the last chunk) so the connection is clean
-                try:
-                    response.drain_conn()
-                    reusable = True
-                except Exception:  # noqa: BLE001 - a connection we cannot clean is dropped
-                    reusable = False
-            if not reusable:
-                response.close()
-            response.release_conn()
+            response.release()
             self.pool.release(endpoint, failed=False)
+        return collected
 
-    def _send(
+    async def _send(
         self,
         method: str,
         path: str,
@@ -418,181 +333,165 @@ class HTTPTransport:
         headers: Mapping[str, str] | None,
         *,
         stream: bool,
-    ) -> tuple[Any, _Endpoint]:
+    ) -> tuple[_Answer, Any]:
         payload = orjson.dumps(body) if body is not None else None
         hdrs = dict(self._headers)
         if payload is not None:
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
-        request_timeout = _as_timeout(timeout) if timeout is not None else self.timeout
+        limits = Timeout.of(timeout) if timeout is not None else self.timeout
+        session = await self._client()
         started = time.monotonic()
         attempt = 0
         while True:
             endpoint = self.pool.acquire()
             url = endpoint.url + path
+            sent = hdrs
+            if endpoint.authorization and not any(k.lower() == "authorization" for k in hdrs):
+                sent = {**hdrs, "Authorization": endpoint.authorization}
             self._count(requests=1)
             try:
-                response = self._attempt(
-                    method, url, payload, hdrs, request_timeout, stream=stream
-                )
+                answer = await self._attempt(session, method, url, payload, sent, limits, stream)
             except _Failure as failure:
                 self.pool.release(endpoint, failed=failure.endpoint_failed)
-                delay = failure.wait
+                # A server's Retry-After is honoured as given; one of (almost) zero would let
+                # every retry go at once, so our own backoff applies to it instead.
+                delay = failure.wait if failure.wait and failure.wait >= 0.05 else None
                 if delay is None:
                     delay = random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt))
                 elapsed = time.monotonic() - started
-                if (
-                    not failure.retryable
-                    or attempt >= self.retries
-                    or elapsed + delay > self.retry_time
-                ):
+                over_budget = elapsed + delay > self.retry_time
+                if not failure.retryable or attempt >= self.retries or over_budget:
                     self._count(failures=1)
-                    raise failure.error from None
+                    error = failure.error
+                    if failure.retryable and attempt < self.retries and failure.wait:
+                        error = _explained(error, failure.wait, self.retry_time)
+                    raise error from None
                 attempt += 1
                 self._count(retries=1)
                 logger.info(
                     "retry %d/%d of %s %s in %.2f s: %s",
                     attempt, self.retries, method, url, delay, failure.error,
-                )
-                time.sleep(delay)
+                )  # fmt: skip
+                await asyncio.sleep(delay)
                 continue
             if not stream:
                 self.pool.release(endpoint, failed=False)
-            return response, endpoint
+            return answer, endpoint
 
-    def _attempt(
+    async def _attempt(
         self,
+        session: Any,
         method: str,
         url: str,
         payload: bytes | None,
         headers: dict[str, str],
-        timeout: urllib3.Timeout,
-        *,
+        limits: Timeout,
         stream: bool,
-    ) -> Any:
+    ) -> _Answer:
+        import aiohttp
+
+        deadline = aiohttp.ClientTimeout(
+            total=None if stream else limits.total,
+            connect=limits.connect_timeout,
+            sock_read=limits.read_timeout,
+        )
+        response = None
         try:
-            response = self._http.request(
-                method,
-                url,
-                body=payload,
-                headers=headers,
-                timeout=timeout,
-                retries=False,
-                redirect=False,
-                preload_content=not stream,
-            )
-        except ReadTimeoutError:
-            error = TransportError(
-                f"{method} {url}: no answer within {timeout.read_timeout} s (read timeout)"
-            )
-            raise _Failure(error, self.retry_read_timeouts, endpoint_failed=False) from None
-        except SSLError as exc:
-            error = TransportError(self.redact(f"{method} {url}: TLS error: {exc}"))
-            raise _Failure(error, retryable=False, endpoint_failed=True) from None
-        except Urllib3Error as exc:
-            reason = getattr(exc, "reason", None) or exc
-            error = TransportError(
-                self.redact(f"{method} {url}: connection failed: {type(exc).__name__}: {reason}")
-            )
-            raise _Failure(error, retryable=True, endpoint_failed=True) from None
-        status = response.status
-        if status < 400:
-            return response
-        try:
-            body = response.data if not stream else response.read()
-        except Urllib3Error:
-            body = b""
+            response = await session.request(
+                method, url, data=payload, headers=headers, timeout=deadline,
+                allow_redirects=False,
+            )  # fmt: skip
+            status = response.status
+            content_type = response.headers.get("Content-Type", "")
+            if status < 400:
+                if stream:
+                    return _Answer(content_type, b"", response)
+                return _Answer(content_type, await self._read(response, url, method))
+            body = await self._read(response, url, method, limit=_ERROR_BODY_BYTES, cut=True)
+        except _Failure:
+            raise
+        except Exception as exc:
+            raise self._failure(exc, method, url, limits) from None
         finally:
-            if stream:
-                response.release_conn()
+            if response is not None and not stream:
+                response.release()
+        if stream:
+            response.release()
         error = ServerError(status, self.redact(error_message(body)), url)
         retryable = status in RETRY_STATUSES or status >= 500
-        wait = _retry_after_seconds(response.headers.get("Retry-After")) if retryable else None
+        wait = retry_after_seconds(response.headers.get("Retry-After")) if retryable else None
         raise _Failure(error, retryable, endpoint_failed=status >= 500, wait=wait)
 
+    async def _read(
+        self, response: Any, url: str, method: str, *, limit: int | None = None, cut: bool = False
+    ) -> bytes:
+        """The whole body, refused past ``limit`` bytes (or cut there, for error bodies)."""
+        limit = self.max_response_bytes if limit is None else limit
+        length = response.content_length
+        if length is not None and length <= limit:
+            return await response.read()  # type: ignore[no-any-return]
+        if length is not None and not cut:
+            raise self._too_large(method, url, limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                if cut:
+                    chunks.append(chunk[: max(0, limit - (size - len(chunk)))])
+                    break
+                raise self._too_large(method, url, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-# ---------------------------------------------------------------------------- SSE
-def _iter_lines(response: Any) -> Iterator[str]:
-    buffer = b""
-    read1 = getattr(response, "read1", None)
-    chunks = iter(lambda: read1(65536), b"") if read1 else response.stream(4096)
-    for chunk in chunks:
-        if not chunk:
-            break
-        buffer += chunk
-        while True:
-            index = buffer.find(b"\n")
-            if index < 0:
-                break
-            line, buffer = buffer[:index], buffer[index + 1 :]
-            yield line.rstrip(b"\r").decode("utf-8", "replace")
-    if buffer:
-        yield buffer.rstrip(b"\r").decode("utf-8", "replace")
+    def _too_large(self, method: str, url: str, limit: int) -> _Failure:
+        error = TransportError(
+            f"{method} {url}: the answer is larger than {limit / 1024 / 1024:.0f} MB "
+            "(max_response_bytes); not read"
+        )
+        return _Failure(error, retryable=False, endpoint_failed=False)
 
+    def _failure(self, exc: BaseException, method: str, url: str, limits: Timeout) -> _Failure:
+        """An attempt that got no usable answer, as the retry loop sees it."""
+        import aiohttp
 
-def _parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
-    event: str | None = None
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                joined = "\n".join(data)
-                if joined.strip() == "[DONE]":
-                    return
-                yield SSEEvent(event, _maybe_json(joined))
-            event, data = None, []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if field == "event":
-            event = value
-        elif field == "data":
-            data.append(value)
-        elif field == "error":  # llama.cpp reports stream errors as "error: {...}"
-            event = "error"
-            data.append(value)
-    if data:
-        joined = "\n".join(data)
-        if joined.strip() != "[DONE]":
-            yield SSEEvent(event, _maybe_json(joined))
-
-
-def _maybe_json(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
-
-
-_ERROR_TYPE_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "overloaded_error": 529,
-}
+        name = type(exc).__name__
+        if isinstance(exc, aiohttp.ClientSSLError):
+            error = TransportError(self.redact(f"{method} {url}: TLS error: {exc}"))
+            return _Failure(error, retryable=False, endpoint_failed=True)
+        connect_timeout = getattr(aiohttp, "ConnectionTimeoutError", ())
+        if isinstance(exc, connect_timeout):
+            error = TransportError(
+                f"{method} {url}: connection failed: no connection within "
+                f"{limits.connect_timeout:g} s"
+            )
+            return _Failure(error, retryable=True, endpoint_failed=True)
+        if isinstance(exc, asyncio.TimeoutError):
+            read_timeout = isinstance(exc, getattr(aiohttp, "SocketTimeoutError", ()))
+            why = (
+                f"no answer within {limits.read_timeout:g} s (read timeout)"
+                if read_timeout
+                else f"no complete answer within {limits.total:g} s (read timeout: the "
+                "request's deadline passed)"
+            )
+            error = TransportError(f"{method} {url}: {why}", timed_out=True)
+            return _Failure(error, self.retry_read_timeouts, endpoint_failed=False)
+        if isinstance(exc, (aiohttp.ClientError, OSError)):
+            reason = getattr(exc, "os_error", None) or exc
+            error = TransportError(
+                self.redact(f"{method} {url}: connection failed: {name}: {reason}")
+            )
+            return _Failure(error, retryable=True, endpoint_failed=True)
+        raise exc
 
 
-def _raise_stream_error(event: SSEEvent, url: str, redact: Any) -> None:
-    data = event.data
-    is_error = event.event == "error"
-    if isinstance(data, dict) and "error" in data:
-        if data.get("type") == "error" or not ({"choices", "text", "delta"} & data.keys()):
-            is_error = True
-    if not is_error:
-        return
-    error = data.get("error", data) if isinstance(data, dict) else data
-    status = 500
-    if isinstance(error, dict):
-        code = error.get("code")
-        if isinstance(code, int) and code >= 400:
-            status = code
-        else:
-            status = _ERROR_TYPE_STATUS.get(str(error.get("type")), 500)
-    message = _message_from_json(data) if isinstance(data, dict) else None
-    raise ServerError(status, redact(message or str(data)), url)
+def _explained(error: Exception, wait: float, budget: float) -> Exception:
+    """A refusal whose ``Retry-After`` lies beyond the retry budget says so."""
+    if isinstance(error, ServerError):
+        note = (
+            f"{error.server_message} (the server asked to wait {wait:.0f} s before retrying, "
+            f"longer than the retry budget of {budget:.0f} s)"
+        )
+        return ServerError(error.status, note, error.url)
+    return error

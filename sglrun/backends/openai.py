@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -56,7 +55,7 @@ from sglrun.errors import (
     UnsupportedCapabilityError,
 )
 from sglrun.lang.choices import ChoicesDecision, decide
-from sglrun.lang.hub import run_blocking
+from sglrun.lang.hub import map_concurrently, run_blocking
 from sglrun.lang.ir import SamplingParams
 
 __all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]
@@ -552,11 +551,10 @@ class OpenAI(Backend):
             head = [[None, ids[0], tokens[0][2]]] if ids else []
             return head + self._force({**plain, "prompt": ids[:1]}, ids[1:], False)
 
-        with ThreadPoolExecutor(max_workers=min(8, len(choices))) as pool:
-            cond = list(pool.map(conditional, choices))
-            if not getattr(request.choices_method, "requires_unconditional_logprobs", False):
-                return cond, None
-            return cond, list(pool.map(unconditional, cond))
+        cond = map_concurrently(conditional, choices)
+        if not getattr(request.choices_method, "requires_unconditional_logprobs", False):
+            return cond, None
+        return cond, map_concurrently(unconditional, cond)
 
     def _score_by_echo(self, request: SelectRequest, choices: list[str]
                        ) -> tuple[list[list[list[Any]]], list[list[list[Any]]] | None]:

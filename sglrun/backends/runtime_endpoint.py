@@ -90,7 +90,12 @@ class RuntimeEndpoint(Backend):
         # Requests that arrive while ``max_in_flight`` others are out go together as one list
         # request: SGLang batches them anyway, and one round trip then serves many programs.
         self.coalescer = (
-            Coalescer(self._send_items, max_batch=max_batch, max_in_flight=max_in_flight)
+            Coalescer(
+                self._send_items,
+                max_batch=max_batch,
+                max_in_flight=max_in_flight,
+                cooperative=True,
+            )
             if coalesce
             else None
         )

@@ -366,10 +366,7 @@ def run_batch_file(
         mapping=mapping, strict=strict, id_field=id_field, source=source, stop=stop,
         skip_ids=skip_ids, keys=keys,
     )  # fmt: skip
-    scheduler = Scheduler(
-        num_threads, name=f"batch {program.name}", row_timeout=row_timeout,
-        interrupt_stuck=True,
-    )  # fmt: skip
+    scheduler = Scheduler(num_threads, name=f"batch {program.name}", row_timeout=row_timeout)
     logger.info("batch %s: %d in flight, window %d", program.name, num_threads, window)
     feed = Feed(batch.jobs(iter(rows)), capacity=max(1, num_threads - 1))
     interrupted = False

@@ -24,6 +24,7 @@ threads. Short stalls (waiting for the GIL, the machine pausing the process) sta
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -34,15 +35,20 @@ from typing import Any, Protocol, TypeVar
 
 import greenlet
 
+from sglrun.errors import RowTimeout
+
 __all__ = [
     "Batcher",
     "Cancelled",
     "Hub",
+    "Stuck",
     "Task",
     "current_hub",
     "current_task",
+    "map_concurrently",
     "report_blocking",
     "run_blocking",
+    "wait_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,8 +71,18 @@ class Cancelled(BaseException):  # noqa: N818 - a signal to unwind, like Keyboar
         self.error = error
 
 
+class Stuck(Cancelled):
+    """Raised (asynchronously, by ``Hub.interrupt_overdue``) in a task that kept its hub's
+    thread past its deadline without parking: a program stuck computing."""
+
+    def __init__(self) -> None:
+        super().__init__(RowTimeout("the row ran past its time limit while computing (stuck)"))
+
+
 class Batcher(Protocol):
-    """What ``Hub.gather`` needs of whoever sends the batches."""
+    """What ``Hub.gather`` needs of whoever sends the batches. A batcher whose
+    ``send_together`` only waits through the hub (``wait_for``, ``run_blocking``) may say
+    ``cooperative = True``: its batches are then sent by a task of the hub, not a thread."""
 
     max_batch: int
     max_in_flight: int
@@ -75,7 +91,7 @@ class Batcher(Protocol):
         """Send every group's items in one go; return one outcome per group."""
 
 
-_SPAWN, _STOP, _CALL = object(), object(), object()  # inbox markers
+_SPAWN, _CALL = object(), object()  # inbox markers
 
 
 def report_blocking(batch: str) -> Callable[[float], None]:
@@ -103,6 +119,54 @@ def current_task() -> Task | None:
     return current if isinstance(current, Task) else None
 
 
+Resume = Callable[[Any, "BaseException | None"], None]
+
+
+def wait_for(start: Callable[[Resume], None]) -> Any:
+    """Wait for work that finishes elsewhere (an asyncio loop, a callback): ``start(resume)``
+    begins it and ``resume(value, error)``, called from any thread, ends the wait. A hub task
+    parks meanwhile; any other caller blocks its thread."""
+    task = current_task()
+    if task is not None:
+        return task.hub.suspend(start)
+    done = threading.Event()
+    outcome: list[Any] = [None, None]
+
+    def resume(value: Any, error: BaseException | None) -> None:
+        outcome[0], outcome[1] = value, error
+        done.set()
+
+    start(resume)
+    done.wait()
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def map_concurrently(function: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """``[function(item) for item in items]``, all at once: as tasks of the calling task's hub
+    (a program's requests in parallel, never blocking the hub), else on threads. Results keep
+    the items' order; the first error is raised once every call has ended."""
+    task = current_task()
+    if task is not None:
+        hub = task.hub
+        tasks = [hub.spawn(function, item) for item in items]
+        results: list[Any] = []
+        first_error: BaseException | None = None
+        for child in tasks:
+            try:
+                results.append(hub.join(child))
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return results
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(items)))) as pool:
+        return list(pool.map(function, items))
+
+
 def run_blocking(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking work without holding up a hub: on a worker thread while the calling task
     parks, or directly when the caller is no hub task. The one way sglrun waits on I/O."""
@@ -127,8 +191,12 @@ class Task(greenlet.greenlet):
         self.joiners: list[tuple[greenlet.greenlet, int]] = []
         self.on_done: Callable[[Task], None] | None = None
         self.pending_error: BaseException | None = None  # cancelled before it started
-        # A row's time limit (``time.monotonic()``); forks inherit their program's.
-        self.deadline: float | None = getattr(greenlet.getcurrent(), "deadline", None)
+        self.finished_hook = True  # counted in the hub's ``live`` tasks
+        # A row's time limit (``time.monotonic()``) and the batch it belongs to (told when
+        # the task blocks the hub); forks inherit their program's.
+        parent = greenlet.getcurrent()
+        self.deadline: float | None = getattr(parent, "deadline", None)
+        self.group: Any = getattr(parent, "group", None)
 
     def run(self, *_: Any) -> None:  # called by greenlet on the first switch
         try:
@@ -209,7 +277,11 @@ class _Workers:
 
 
 class Hub:
-    """Runs tasks on the thread that created it; only that thread's tasks may park."""
+    """Runs tasks on the thread that created it; only that thread's tasks may park.
+
+    This base hub is driven by ``step`` (``run()``'s hub in the caller's thread, a row moved to
+    a thread); ``LoopHub`` is driven by an asyncio loop instead. Work arriving from other
+    threads goes through the inbox, and ``_notify_threadsafe`` tells the driver."""
 
     def __init__(
         self,
@@ -229,40 +301,54 @@ class Hub:
         self.live = 0  # tasks spawned and not finished
         self.running: Task | None = None  # the task whose slice runs now
         self.slice_started = 0.0
+        self._slice_lock = threading.Lock()
+        self._interrupting = False  # an asynchronous Stuck was sent to the running task
         self._ready: deque[tuple[greenlet.greenlet, int, Any, BaseException | None]] = deque()
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._pending: dict[int, _Pending] = {}
         self._pool: _Workers | None = None
         self._stopping = False
 
+    # ------------------------------------------------------------------ driving
+    def _notify(self) -> None:
+        """The ready queue grew (on the hub's thread); a loop-driven hub schedules a tick."""
+
+    def _notify_threadsafe(self) -> None:
+        """The inbox grew (from another thread); a loop-driven hub wakes its loop."""
+
+    def _put(self, entry: tuple[Any, ...]) -> None:
+        self._inbox.put(entry)
+        self._notify_threadsafe()
+
+    def _deliver(
+        self, task: greenlet.greenlet, token: int, value: Any, error: BaseException | None
+    ) -> None:
+        """Resume ``task`` (parked with ``token``), from any thread."""
+        if threading.get_ident() == self.thread:
+            self._ready.append((task, token, value, error))
+            self._notify()
+        else:
+            self._put((task, token, value, error))
+
     # ------------------------------------------------------------------ tasks
     def spawn(self, function: Callable[..., Any], *args: Any) -> Task:
         task = Task(self, function, args)
         self.live += 1
         self._ready.append((task, 0, None, None))
+        self._notify()
         return task
 
     def post(self, function: Callable[..., Any], *args: Any) -> None:
         """Spawn a task from any thread (the hub spawns it when it next looks at its inbox)."""
-        self._inbox.put((_SPAWN, 0, (function, args), None))
+        self._put((_SPAWN, 0, (function, args), None))
 
     def call_soon_threadsafe(self, function: Callable[[], None]) -> None:
         """Run ``function`` on the hub's thread, between tasks, from any thread."""
-        self._inbox.put((_CALL, 0, function, None))
-
-    def serve(self) -> None:
-        """Run tasks as they are posted until ``stop`` is posted (a hub on its own thread)."""
-        try:
-            while not self._stopping:
-                self.step()
-        finally:
-            self.close()
-
-    def stop(self) -> None:
-        """From any thread: let ``serve`` return; tasks still parked are abandoned."""
-        self._inbox.put((_STOP, 0, None, None))
+        self._put((_CALL, 0, function, None))
 
     def finished(self, task: Task) -> None:
+        if not task.finished_hook:
+            return
         self.live -= 1
         for joiner, token in task.joiners:
             self._ready.append((joiner, token, None, None))
@@ -295,6 +381,7 @@ class Hub:
             task.pending_error = Cancelled(error)
             return
         self._ready.append((task, task.token, None, Cancelled(error)))
+        self._notify()
 
     # ----------------------------------------------------------------- waiting
     def park(self) -> Any:
@@ -306,22 +393,31 @@ class Hub:
 
     def wake(self, task: greenlet.greenlet, token: int, value: Any = None) -> None:
         """Resume a task parked with ``token`` (from any thread)."""
-        if threading.get_ident() == self.thread:
-            self._ready.append((task, token, value, None))
-        else:
-            self._inbox.put((task, token, value, None))
+        self._deliver(task, token, value, None)
+
+    def suspend(self, start: Callable[[Resume], None]) -> Any:
+        """Park the current task after ``start(resume)``; ``resume(value, error)`` from any
+        thread resumes it (once: a second call, or one after a cancellation, is dropped)."""
+        task = greenlet.getcurrent()
+        token = task.token
+
+        def resume(value: Any, error: BaseException | None) -> None:
+            self._deliver(task, token, value, error)
+
+        start(resume)
+        return self.park()
 
     def call_blocking(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking work on a worker thread; the calling task parks meanwhile."""
         task = greenlet.getcurrent()
         token = task.token
-        inbox = self._inbox
+        put = self._put
 
         def job() -> None:
             try:
-                inbox.put((task, token, function(*args, **kwargs), None))
+                put((task, token, function(*args, **kwargs), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
-                inbox.put((task, token, None, exc))
+                put((task, token, None, exc))
 
         self._submit(job)
         return self.park()
@@ -370,26 +466,58 @@ class Hub:
             started = self.slice_started = perf_counter()
             try:
                 target.switch((value, error))
-            finally:
-                self.running = None
+            except Stuck:
+                pass  # an interruption that arrived just after the slice ended: harmless
+            self._end_slice()
             spent = perf_counter() - started
             # Wall time the task kept the thread without using it: blocked in its own code
             # (computing, garbage collection included, is not blocking). The CPU time of the
             # whole round so far is subtracted, so this never overstates the blocking.
-            if spent > self.slow_slice and not self.slow_seen:
+            if spent > self.slow_slice:
                 blocked = spent - (thread_time() - cpu)
                 if blocked > self.slow_slice:
-                    self._note_blocked(blocked)
+                    group = getattr(target, "group", None)
+                    (group or self).note_blocked(blocked)
             count += 1
             if count % 16 == 0:
                 self._flush(force=False)
+
+    def _end_slice(self) -> None:
+        """No task runs now; an interruption sent for the slice that just ended and not yet
+        delivered is withdrawn, so it can never land in another task."""
+        while True:
+            try:
+                with self._slice_lock:
+                    self.running = None
+                    if self._interrupting:
+                        _set_async_exc(self.thread, None)
+                        self._interrupting = False
+                return
+            except Stuck:
+                continue  # delivered here, between the slice and the lock: try again
+
+    def interrupt_overdue(self, now: float) -> bool:
+        """From a watchdog thread: if the running task is past its deadline, raise ``Stuck``
+        in it (it is computing without parking, so nothing else can reach it)."""
+        with self._slice_lock:
+            task = self.running
+            deadline = task.deadline if task is not None else None
+            if deadline is None or now < deadline or self._interrupting:
+                return False
+            self._interrupting = True
+            task.deadline = None  # once per task
+            _set_async_exc(self.thread, Stuck)
+            return True
 
     def _goal(self) -> int:
         """Items worth a batch before the hub runs out of work: half the live tasks, so about
         two batches are out while the hub runs the programs the last one answered."""
         return max(4, self.live // 2)
 
-    def _note_blocked(self, blocked: float) -> None:
+    def note_blocked(self, blocked: float) -> None:
+        """A slice of a task of no batch blocked the hub for ``blocked`` seconds."""
+        if self.slow_seen:
+            return
         self.blocked += blocked
         share = self.blocked / max(perf_counter() - self._started, 1e-9)
         if self.blocked > BLOCKED_LIMIT and share > BLOCKED_SHARE:
@@ -417,16 +545,37 @@ class Hub:
         waiters, pending.waiters = pending.waiters[:taken], pending.waiters[taken:]
         pending.items -= count
         pending.in_flight += 1
-        inbox = self._inbox
         send_together = pending.batcher.send_together
+        cooperative = getattr(pending.batcher, "cooperative", False)
+        deliver = self._returned if cooperative else self._put
 
         def job() -> None:
             try:
-                inbox.put((pending, 0, (waiters, send_together(batch)), None))
+                deliver((pending, 0, (waiters, send_together(batch)), None))
             except BaseException as exc:  # noqa: BLE001 - every task of the batch sees it
-                inbox.put((pending, 0, (waiters, None), exc))
+                deliver((pending, 0, (waiters, None), exc))
 
-        self._submit(job)
+        if cooperative:
+            sender = Task(self, job, ())  # not counted in ``live``: it serves the others
+            sender.finished_hook = False
+            self._ready.append((sender, 0, None, None))
+            self._notify()
+        else:
+            self._submit(job)
+
+    def _returned(self, entry: tuple[Any, ...]) -> None:
+        """A batch came back on the hub's own thread (a sender task)."""
+        self._batch_outcomes(*entry)
+        self._notify()
+
+    def _batch_outcomes(
+        self, pending: _Pending, _token: int, value: Any, error: BaseException | None
+    ) -> None:
+        pending.in_flight -= 1
+        waiters, outcomes = value
+        for position, (task, task_token) in enumerate(waiters):
+            outcome = None if error is not None else outcomes[position]
+            self._ready.append((task, task_token, outcome, error))
 
     def _take_inbox(self, *, block: bool, timeout: float | None = None) -> None:
         inbox = self._inbox
@@ -438,17 +587,11 @@ class Hub:
             block = False
             target, token, value, error = entry
             if isinstance(target, _Pending):  # a batch came back: one outcome per task
-                target.in_flight -= 1
-                waiters, outcomes = value
-                for position, (task, task_token) in enumerate(waiters):
-                    outcome = None if error is not None else outcomes[position]
-                    self._ready.append((task, task_token, outcome, error))
+                self._batch_outcomes(target, token, value, error)
             elif target is _SPAWN:
                 self.spawn(value[0], *value[1])
             elif target is _CALL:
                 value()
-            elif target is _STOP:
-                self._stopping = True
             elif target is not None:
                 self._ready.append((target, token, value, error))
 
@@ -456,3 +599,10 @@ class Hub:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _set_async_exc(thread: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in ``thread`` at its next bytecode (None: withdraw a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread), ctypes.py_object(exc) if exc is not None else None
+    )

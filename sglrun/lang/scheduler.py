@@ -5,25 +5,23 @@ once: a slow row delays only itself, never the start of the rows after it. Order
 scheduler's business: it hands out results as they finish (``Finished.index`` says which row),
 and each caller puts them back in order with a window of its own, bounded by memory.
 
-Programs run as tasks of one hub (``sglrun.lang.hub``) in the caller's thread (or of the hub
-already running the caller, for a batch inside a program); their blocking backend calls run on
-the hub's worker threads. Once programs block the hub in their own code, the rows not yet
-started run on threads instead, one private hub per row.
+Programs run as tasks of the I/O thread's hub (``sglrun.lang.loop_hub``), driven by one more
+task of that hub (the batch's driver); the caller's thread only receives finished rows. A
+batch inside a program drives itself on the hub already running it. Blocking backend calls
+run on the hub's worker threads. Once programs block the hub in their own code, the rows not
+yet started run on threads instead, one private hub per row.
 
 A row may have a time limit (``row_timeout``): past it, a row parked on the model is cancelled
-where it waits and finishes with ``RowTimeout``; a row on a fallback thread is abandoned (its
-late result dropped, the thread asked to stop and counted in ``left_behind``). With
-``interrupt_stuck`` (only from the main thread) a row stuck computing in pure Python is
-interrupted too, by a signal whose handler checks that the overdue row is the one running.
+where it waits and finishes with ``RowTimeout``; a row stuck computing is interrupted by a
+watchdog (``Hub.interrupt_overdue``); a row on a fallback thread is abandoned (its late result
+dropped, the thread asked to stop and counted in ``left_behind`` while it lives on).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import queue
-import signal
 import threading
 import time
 from collections import deque
@@ -31,25 +29,32 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import greenlet
-
 from sglrun.errors import RowTimeout
-from sglrun.lang.hub import Cancelled, Hub, Task, current_hub, report_blocking
+from sglrun.lang.hub import (
+    BLOCKED_LIMIT,
+    BLOCKED_SHARE,
+    Hub,
+    Task,
+    _set_async_exc,
+    current_task,
+    report_blocking,
+)
+from sglrun.lang.loop_hub import shared_hub
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "Feed",
     "Finished",
+    "InOrder",
     "Scheduler",
     "auto_concurrency",
     "fewer_collections",
-    "InOrder",
     "run_on_own_hub",
 ]
 
 DEFAULT_CONCURRENCY = 96  # what SGLang's own run_batch uses on a machine this size
 _POLL = 0.2  # seconds between checks of the stop event and of deadlines
-_STUCK_SIGNAL = getattr(signal, "SIGUSR2", None)
+_END = object()
 
 
 def auto_concurrency(backend: Any, rows: int | None = None) -> int:
@@ -95,12 +100,10 @@ class Feed:
         self.error: BaseException | None = None
         self.ended = False
         self._notify: Callable[[], None] = lambda: None
-        self._thread: threading.Thread | None = None
 
     def start(self, notify: Callable[[], None]) -> None:
         self._notify = notify
-        self._thread = threading.Thread(target=self._read, name="sglrun-feed", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._read, name="sglrun-feed", daemon=True).start()
 
     def _read(self) -> None:
         try:
@@ -147,15 +150,13 @@ class Scheduler:
         *,
         name: str = "batch",
         row_timeout: float | None = None,
-        interrupt_stuck: bool = False,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, not {concurrency!r}")
         self.concurrency = concurrency
         self.name = name
         self.row_timeout = row_timeout
-        self.interrupt_stuck = interrupt_stuck
-        self.abandoned = 0  # rows still running when a stop's grace ran out
+        self.abandoned = 0  # rows still running when the run ended early
         self.left_behind = 0  # fallback threads of timed-out rows still alive at the end
         self.timed_out = 0
         self.moved_to_threads = False
@@ -171,24 +172,57 @@ class Scheduler:
     ) -> Iterator[Finished]:
         """Run ``function(item)`` for every item; yield each ``Finished`` as it finishes.
 
-        ``admit(index)`` may hold back new rows (an output window that is full). Once ``stop``
-        is set no row starts; the rows in flight get ``grace`` seconds, then the rest are
-        abandoned (``self.abandoned``) and the iteration ends."""
-        outer = current_hub()
-        hub = outer or Hub(
-            self.concurrency, on_slow=report_blocking(f"{self.name}")
-        )
-        run = _Run(self, hub, function, items, stop, grace, admit)
-        try:
-            with fewer_collections(), run.watching():
+        ``admit(index)`` may hold back new rows (an output window that is full); it is
+        called on the hub's thread. Once ``stop`` is set no row starts; the rows in flight get
+        ``grace`` seconds, then the rest are abandoned (``self.abandoned``) and the iteration
+        ends."""
+        with fewer_collections():
+            if current_task() is not None:  # a batch inside a program: drive it right here
+                run = _Run(self, current_task().hub, function, items, stop, grace, admit)
                 yield from run.loop()
+                return
+            yield from self._on_shared_hub(function, items, stop, grace, admit)
+
+    def _on_shared_hub(
+        self,
+        function: Callable[[Any], Any],
+        items: Iterable[Any] | Feed,
+        stop: threading.Event | None,
+        grace: float,
+        admit: Callable[[int], bool] | None,
+    ) -> Iterator[Finished]:
+        hub = shared_hub()
+        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        run = _Run(self, hub, function, items, stop, grace, admit, results=results)
+
+        def drive() -> None:
+            try:
+                for finished in run.loop():
+                    results.put(finished)
+            except BaseException as exc:  # noqa: BLE001 - a bug in the loop: the caller sees it
+                results.put(exc)
+            finally:
+                results.put(_END)
+
+        hub.post(drive)
+        watchdog = _Watchdog(hub) if self.row_timeout is not None else None
+        try:
+            while True:
+                item = results.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                run.taken()  # the caller is done with it (written): its slot is free
         finally:
-            if outer is None:
-                hub.close()
+            if watchdog is not None:
+                watchdog.stop()
+            run.abandon()
 
 
 class _Run:
-    """The state of one ``Scheduler.imap``."""
+    """The state of one ``Scheduler.imap``: admission, slots, deadlines, results."""
 
     def __init__(
         self,
@@ -199,6 +233,8 @@ class _Run:
         stop: threading.Event | None,
         grace: float,
         admit: Callable[[int], bool] | None,
+        *,
+        results: queue.SimpleQueue[Any] | None = None,
     ) -> None:
         self.s = scheduler
         self.hub = hub
@@ -208,27 +244,51 @@ class _Run:
         self.stop = stop
         self.grace = grace
         self.admit = admit
+        self.results = results  # the caller's queue (None: the caller drives the loop)
         self.running: dict[int, _Slot] = {}
         self.done: deque[Finished] = deque()
         self.next_index = 0
         self.exhausted = False
-        self.me = greenlet.getcurrent()
-        self.parked = False  # the loop (a task itself, in a nested batch) waits to be poked
+        self.me: Task | None = None
+        self.parked = False  # the loop (a task) waits to be poked
         self.stop_deadline: float | None = None
+        self.unread = 0  # yielded to the caller's queue and not taken yet
+        self._unread_lock = threading.Lock()
+        self.abandoned = False
+        self._left: list[threading.Thread] = []
+        # Time this batch's programs kept the hub blocked in their own code (``note_blocked``);
+        # once it is too much, the rows not yet started run on threads.
+        self.blocked = 0.0
+        self.slow_seen = False
+        self._began = time.monotonic()
+        self._report = report_blocking(scheduler.name)
+
+    def note_blocked(self, seconds: float) -> None:
+        """Called by the hub for a slice of one of this batch's tasks that blocked."""
+        self.blocked += seconds
+        share = self.blocked / max(time.monotonic() - self._began, 1e-9)
+        if not self.slow_seen and self.blocked > BLOCKED_LIMIT and share > BLOCKED_SHARE:
+            self.slow_seen = True
+            self._report(self.blocked)
 
     # ------------------------------------------------------------------ loop
     def loop(self) -> Iterator[Finished]:
+        self.me = current_task()
         if self.feed is not None:
             self.feed.start(lambda: self.hub.call_soon_threadsafe(self.poke))
         try:
             yield from self._loop()
         finally:
-            self.s.abandoned = len(self.running)  # still running: a stop's grace ran out
+            self.s.abandoned = len(self.running)  # still running: the run ended early
+            self.s.left_behind = sum(1 for thread in self._left if thread.is_alive())
 
     def _loop(self) -> Iterator[Finished]:
-        while True:
+        while not self.abandoned:
             self._admit()
             while self.done:
+                if self.results is not None:
+                    with self._unread_lock:
+                        self.unread += 1
                 yield self.done.popleft()
                 self._admit()
             if not self.running and (self.exhausted or self._stopping()):
@@ -243,12 +303,14 @@ class _Run:
             self._wait()
 
     def _stopping(self) -> bool:
-        return self.stop is not None and self.stop.is_set()
+        return self.abandoned or (self.stop is not None and self.stop.is_set())
 
     def _admit(self) -> None:
         s = self.s
+        # A row holds its slot until the caller has taken its result: rows read, running and
+        # finished-but-unwritten stay within ``concurrency`` (plus the feed's few).
         while (
-            len(self.running) < s.concurrency
+            len(self.running) + len(self.done) + self.unread < s.concurrency
             and not self.exhausted
             and not self._stopping()
             and (self.admit is None or self.admit(self.next_index))
@@ -266,8 +328,9 @@ class _Run:
     def _start(self, index: int, item: Any) -> None:
         slot = _Slot(index, item)
         self.running[index] = slot
-        if not self.hub.slow_seen:
+        if not self.slow_seen:
             task = self.hub.spawn(self.function, item)
+            task.group = self
             if self.s.row_timeout is not None:
                 task.deadline = slot.started + self.s.row_timeout
             task.on_done = lambda t, slot=slot: self._finish(slot, t.result, t.error)
@@ -301,21 +364,39 @@ class _Run:
         self.poke()
 
     def poke(self) -> None:
-        """Something changed: resume the loop if it is a parked task (nested batch)."""
-        if self.parked:
+        """Something changed: resume the loop if it is parked."""
+        if self.parked and self.me is not None:
             self.parked = False
             self.hub.wake(self.me, self.me.token)
 
+    def taken(self) -> None:
+        """The caller took one finished row from its queue (from the caller's thread)."""
+        with self._unread_lock:
+            self.unread -= 1
+            freed = len(self.running) + len(self.done) + self.unread < self.s.concurrency
+        if freed and self.parked:
+            self.hub.call_soon_threadsafe(self.poke)
+
+    def abandon(self) -> None:
+        """The caller stopped reading (done, or interrupted): the loop ends, rows in flight
+        are left to finish on their own and their results dropped."""
+        if not self.abandoned:
+            self.abandoned = True
+            self.hub.call_soon_threadsafe(self.poke)
+
     def _wait(self) -> None:
-        if self.me is self.hub.main:
-            timed = self.stop is not None or self.s.row_timeout is not None
-            self.hub.step(timeout=_POLL if timed else None)
-            return
+        timed = self.stop is not None or self.s.row_timeout is not None
+        handle = None
+        loop = getattr(self.hub, "loop", None)
+        if timed and loop is not None:
+            handle = loop.call_later(_POLL, self.poke)
         self.parked = True
         try:
             self.hub.park()
         finally:
             self.parked = False
+            if handle is not None:
+                handle.cancel()
 
     # -------------------------------------------------------------- deadlines
     def _check_deadlines(self) -> None:
@@ -341,35 +422,8 @@ class _Run:
         thread = slot.thread
         if thread is None or thread.ident is None or not thread.is_alive():
             return
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread.ident), ctypes.py_object(_ThreadTimeout)
-        )
-        self._threads_to_count.append(thread)
-
-    _threads_to_count: list[threading.Thread]
-
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        """While the loop runs: with ``interrupt_stuck``, a watchdog that interrupts a row
-        stuck computing on the hub past its deadline; at the end, count abandoned threads."""
-        self._threads_to_count = []
-        watchdog = None
-        if (
-            self.s.interrupt_stuck
-            and self.s.row_timeout is not None
-            and _STUCK_SIGNAL is not None
-            and self.me is self.hub.main
-            and threading.current_thread() is threading.main_thread()
-        ):
-            watchdog = _Watchdog(self.hub)
-        try:
-            if watchdog is None:
-                yield
-            else:
-                with watchdog:
-                    yield
-        finally:
-            self.s.left_behind = sum(1 for thread in self._threads_to_count if thread.is_alive())
+        _set_async_exc(thread.ident, _ThreadTimeout)
+        self._left.append(thread)
 
 
 class _ThreadTimeout(BaseException):
@@ -377,43 +431,20 @@ class _ThreadTimeout(BaseException):
 
 
 class _Watchdog:
-    """Sends the main thread a signal while the running task is past its deadline; the
-    handler raises ``Cancelled(RowTimeout)`` only if that very task is the one running."""
+    """Interrupts a task stuck computing past its deadline on the hub (which nothing on the
+    hub itself can do, since the stuck task holds the hub's thread)."""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self._stop = threading.Event()
-        self._previous: Any = None
-        self._main = threading.main_thread().ident
-
-    def __enter__(self) -> _Watchdog:
-        assert _STUCK_SIGNAL is not None
-        self._previous = signal.signal(_STUCK_SIGNAL, self._handler)
         threading.Thread(target=self._watch, name="sglrun-watchdog", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert _STUCK_SIGNAL is not None
-        signal.signal(_STUCK_SIGNAL, self._previous or signal.SIG_DFL)
-
-    def _overdue(self) -> Task | None:
-        task = self.hub.running
-        deadline = task.deadline if task is not None else None
-        if task is None or deadline is None or time.monotonic() < deadline:
-            return None
-        return task
 
     def _watch(self) -> None:
         while not self._stop.wait(_POLL):
-            if self._overdue() is not None and self._main is not None:
-                signal.pthread_kill(self._main, _STUCK_SIGNAL)  # type: ignore[arg-type]
+            self.hub.interrupt_overdue(time.monotonic())
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        task = self._overdue()
-        if task is not None and greenlet.getcurrent() is task:
-            task.deadline = None  # one interruption per row
-            raise Cancelled(RowTimeout("the row ran past its time limit (stuck computing)"))
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def run_on_own_hub(function: Callable[..., Any], *args: Any) -> Any:
@@ -447,13 +478,6 @@ class InOrder:
             self.expected += 1
         return ready
 
-    def rest(self) -> list[Finished]:
-        """What is still held (rows that will never come before it), in order."""
-        ready = [self._held.pop(index) for index in sorted(self._held)]
-        if ready:
-            self.expected = ready[-1].index + 1
-        return ready
-
 
 FIRST_GC_THRESHOLD = 20_000
 
@@ -475,3 +499,4 @@ def fewer_collections() -> Iterator[None]:
     finally:
         if gc.get_threshold() == ours:
             gc.set_threshold(*saved)
+
