@@ -60,22 +60,29 @@ class Stats:
         self.errors: collections.Counter[str] = collections.Counter()  # status -> count
         self.by_path: collections.Counter[str] = collections.Counter()
         self.draws: list[float] = []  # drawn per-item latencies (seconds), in arrival order
-        self.in_flight = 0  # /generate items received and not yet answered
+        self.in_flight = 0  # generation items received and not yet answered
+        self.requests_in_flight = 0  # generation requests (a list counts once)
         self.max_in_flight = 0
         self._area = 0.0  # integral of in_flight over time
-        self._since = time.monotonic()
-        self._last = self._since
+        self._request_area = 0.0
+        self._since: float | None = None  # the first generation request after a reset
+        self._last = time.monotonic()
 
     def flight(self, delta: int) -> None:
+        """``delta`` items (of one request) arrive (> 0) or are answered (< 0)."""
         now = time.monotonic()
+        if self._since is None:
+            self._since = self._last = now
         self._area += self.in_flight * (now - self._last)
+        self._request_area += self.requests_in_flight * (now - self._last)
         self._last = now
         self.in_flight += delta
+        self.requests_in_flight += (delta > 0) - (delta < 0)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     def as_dict(self) -> dict[str, Any]:
-        self.flight(0)
-        span = self._last - self._since
+        """The counters; in-flight averages span the first request to the last answer."""
+        span = self._last - self._since if self._since is not None else 0.0
         return {
             "requests": self.requests,
             "generate_items": self.generate_items,
@@ -85,6 +92,7 @@ class Stats:
             "by_path": dict(self.by_path),
             "draws": list(self.draws),
             "in_flight_avg": self._area / span if span > 0 else 0.0,
+            "requests_in_flight_avg": self._request_area / span if span > 0 else 0.0,
             "in_flight_max": self.max_in_flight,
             "span_s": span,
         }

@@ -76,6 +76,10 @@ class Anthropic(Backend):
     def get_model_name(self) -> str:
         return self.model_name
 
+    def concurrency_hint(self) -> int:
+        """16 programs in flight: the API's rate limits bind long before its capacity."""
+        return 16
+
     def get_chat_template(self) -> Any:
         from sglrun.lang.chat_template import get_chat_template
 

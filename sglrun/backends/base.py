@@ -125,5 +125,11 @@ class Backend:
     def get_server_info(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.get_model_name()}
 
+    def concurrency_hint(self) -> int | None:
+        """How many programs in flight keep this backend busy, when it can say (an engine's
+        slots, a server's advertised limit); ``num_threads="auto"`` uses it. None: the
+        scheduler's default."""
+        return None
+
     def shutdown(self) -> None:
         """Release engines, threads and connections."""

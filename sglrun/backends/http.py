@@ -5,9 +5,9 @@
 waits in its own thread. It retries what is worth retrying (connection errors, 408, 429 and
 5xx; never another 4xx) with exponential backoff and full jitter, waits at least what a
 ``Retry-After`` asks, stops after ``retries`` retries or ``retry_time`` seconds, whichever comes
-first, and turns failures into ``ServerError`` (carrying the server's own message),
-or ``TransportError`` (``timed_out`` for a deadline). Every attempt has a total deadline (connect, send and
-every read) and a cap on the size of the answer. ``stream`` reads Server-Sent Events. With
+first, and turns failures into ``ServerError`` (carrying the server's own message) or
+``TransportError`` (``timed_out`` for a deadline). Every attempt has a total deadline (connect,
+send and every read) and a cap on the size of the answer. ``stream`` reads Server-Sent Events. With
 several base URLs an ``EndpointPool`` spreads requests over them and rests one that fails.
 
 Secrets (API keys, a URL's own password) travel in headers only and are masked in every

@@ -65,6 +65,7 @@ logger = logging.getLogger("sglrun.backends")
 DIALECTS = ("llamacpp", "vllm", "none")
 SELECT_STRATEGIES = ("auto", "constrained", "logprobs", "generate")
 OPENAI_URL = "https://api.openai.com/v1"
+DEFAULT_CONCURRENCY = 32
 
 
 @dataclasses.dataclass
@@ -157,6 +158,7 @@ class OpenAI(Backend):
         self.token_usage = TokenUsage()
         self.select_strategy = select_strategy
         self._dialect = None if constraint_dialect == "auto" else constraint_dialect
+        self._slots: int | None = None  # a llama.cpp server's slots, from /props
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
@@ -226,10 +228,27 @@ class OpenAI(Backend):
             if isinstance(props, dict) and (
                 "default_generation_settings" in props or "total_slots" in props
             ):
+                slots = props.get("total_slots")
+                if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
+                    self._slots = slots
                 return "llamacpp", True
         except ServerError as exc:
             certain = certain and exc.status < 500 and exc.status != 429
         return "none", certain
+
+    def concurrency_hint(self) -> int:
+        """A llama.cpp server: two programs per slot it reports; any other server: 32 (a
+        hosted API's rate limit, not its capacity, is what usually binds)."""
+        if self.dialect == "llamacpp" and self._slots is None:
+            try:
+                props = self.transport.request("GET", "/props")
+            except Exception:  # advisory: fall back to the default
+                props = None
+            slots = props.get("total_slots") if isinstance(props, dict) else None
+            self._slots = slots if isinstance(slots, int) and slots > 0 else 0
+        if self._slots:
+            return 2 * self._slots
+        return DEFAULT_CONCURRENCY
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -32,6 +32,8 @@ from sglrun.lang.ir import SAMPLING_FIELDS, SamplingParams
 
 __all__ = ["RuntimeEndpoint"]
 
+MAX_HINT = 1024  # programs in flight, at most, whatever a server advertises
+
 # Fields sent at the top level of the request.
 _TOP_LEVEL_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
                    "return_text_in_logprobs")
@@ -129,6 +131,22 @@ class RuntimeEndpoint(Backend):
                 raise
             info = self.transport.request("GET", "/get_server_info")
         return info if isinstance(info, dict) else {"info": info}
+
+    def concurrency_hint(self) -> int | None:
+        """The server's ``max_running_requests`` when its server info says (capped at
+        ``MAX_HINT``), else None: the scheduler's default, which is SGLang's own."""
+        try:
+            info = self.get_server_info()
+        except Exception:  # advisory: a server without the endpoint gets the default
+            return None
+        candidates = [info.get("max_running_requests")]
+        states = info.get("internal_states")
+        if isinstance(states, list) and states and isinstance(states[0], dict):
+            candidates.append(states[0].get("max_running_requests"))
+        for value in candidates:
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return min(value, MAX_HINT)
+        return None
 
     def flush_cache(self, empty_cache: bool = True) -> bool:
         self.transport.request("POST", "/flush_cache", {"empty_cache": empty_cache})

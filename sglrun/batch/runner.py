@@ -294,6 +294,7 @@ class _Batch:
             stats.tokens += tokens
             if failed:
                 stats.failed += 1
+                stats.timed_out += record["error"]["type"] == "RowTimeout"
             else:
                 stats.ok += 1
         if failed:
@@ -392,7 +393,6 @@ def run_batch_file(
             stats.write_error = stats.write_error or exc
         batch.output_closed = True
         stats.abandoned = scheduler.abandoned
-        stats.timed_out = scheduler.timed_out
         stats.left_behind = scheduler.left_behind
         stats.finished = time.monotonic()
         if stats.write_error is not None:

@@ -355,10 +355,10 @@ def _new_backend(settings: Settings, name: str, insecure: bool) -> Backend:
 
 
 def auto_threads(settings: Settings, name: str, backend: Backend) -> int:
-    """``--num-threads``, or for ``auto`` what the backend can serve at once."""
+    """``--num-threads N``, or for ``auto`` the scheduler's policy for the backend (the same
+    as ``run_batch(num_threads="auto")``)."""
+    from sglrun.lang.scheduler import auto_concurrency
+
     if isinstance(settings.num_threads, int):
         return settings.num_threads
-    parallel = getattr(backend, "n_parallel", None)
-    if isinstance(parallel, int) and not isinstance(parallel, bool) and parallel >= 1:
-        return parallel
-    return {"local": 4, "fake": 8, "sglang": 64}.get(name, 16)
+    return auto_concurrency(backend)

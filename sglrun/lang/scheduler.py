@@ -158,7 +158,6 @@ class Scheduler:
         self.row_timeout = row_timeout
         self.abandoned = 0  # rows still running when the run ended early
         self.left_behind = 0  # fallback threads of timed-out rows still alive at the end
-        self.timed_out = 0
         self.moved_to_threads = False
 
     def imap(
@@ -409,12 +408,9 @@ class _Run:
                 continue
             error = RowTimeout(f"the row ran past its time limit ({limit:g} s)")
             if slot.task is not None:
-                if not slot.cancelled:
-                    self.s.timed_out += 1
                 slot.cancelled = True
                 self.hub.cancel(slot.task, error)  # again each round until it ends
             elif slot.thread is not None:
-                self.s.timed_out += 1
                 self._abandon_thread(slot)
                 self._finish(slot, None, error)
 

@@ -40,6 +40,12 @@ def request(role_text="", messages=CONVERSATION, **params):
                            messages=list(messages), role="assistant", role_text=role_text)
 
 
+def test_auto_concurrency_is_modest_for_a_rate_limited_api(claude):
+    from sglrun.lang.scheduler import auto_concurrency
+
+    assert auto_concurrency(claude) == 16
+
+
 def test_request_shape_and_usage(stub, claude):
     result = claude.generate(request(max_new_tokens=50, temperature=0.2, top_k=5,
                                      stop=["zzz"]))

@@ -67,6 +67,12 @@ def gen(backend, prompt: str, on_chunk=None, **params):
 
 
 @model
+def test_auto_concurrency_is_two_programs_per_slot(backend):
+    from sglrun.lang.scheduler import auto_concurrency
+
+    assert auto_concurrency(backend) == 2 * backend.n_parallel
+
+
 def test_meta_info_and_max_new_tokens(backend):
     for limit in (1, 6):
         result = gen(backend, chat("Tell me about cats."), max_new_tokens=limit, temperature=0)

@@ -59,6 +59,12 @@ def test_llamacpp_is_detected(chat):
 
 
 @pytest.mark.model
+def test_auto_concurrency_is_two_programs_per_reported_slot(chat):
+    from sglrun.lang.scheduler import auto_concurrency
+
+    assert auto_concurrency(chat) == 8  # the test server runs 4 slots
+
+
 def test_chat_generate_and_usage(chat):
     before = chat.token_usage.prompt_tokens, chat.token_usage.completion_tokens
     result = chat.generate(chat_request(max_new_tokens=6))

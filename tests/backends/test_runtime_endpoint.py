@@ -47,6 +47,25 @@ def test_construction_reads_model_info_and_template(stub, backend):
     assert named.get_chat_template().name == "chatml"
 
 
+def test_auto_concurrency_follows_the_servers_advertised_limit(stub, backend):
+    from sglang_stub import StubServer
+
+    from sglrun.lang.scheduler import DEFAULT_CONCURRENCY, auto_concurrency
+
+    assert auto_concurrency(backend) == DEFAULT_CONCURRENCY  # the stub advertises none
+
+    class Advertising(SGLangStub):
+        def route(self, handler, method, path, body):
+            if path == "/server_info":
+                handler.send_json(200, {"max_running_requests": 48, "version": "0.5"})
+            else:
+                super().route(handler, method, path, body)
+
+    assert issubclass(Advertising, StubServer)
+    with Advertising() as server:
+        assert auto_concurrency(RuntimeEndpoint(server.url)) == 48
+
+
 def test_generate_maps_sampling_params(stub, backend):
     result = backend.generate(gen(
         "Once", max_new_tokens=4, min_new_tokens=1, stop=["zzz"], stop_token_ids=[7],
