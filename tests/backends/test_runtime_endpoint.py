@@ -291,7 +291,7 @@ def test_concurrent_requests_coalesce_into_list_requests(stub, backend):
 
 def test_run_batch_runs_on_the_hub_and_coalesces_into_list_requests(stub, backend):
     """run_batch on RuntimeEndpoint: programs are hub tasks whose requests go out together
-    (SGLang's list form) from worker threads, each item with its own parameters."""
+    (SGLang's list form) from the I/O thread, each item with its own parameters."""
     import threading
 
     import sglrun as sgl
@@ -321,6 +321,25 @@ def test_run_batch_runs_on_the_hub_and_coalesces_into_list_requests(stub, backen
             if params.get("max_new_tokens"):  # a gen item (select items score, max 0)
                 assert params["max_new_tokens"] == 1 + int(text.split()[1][:-1]) % 3
     assert threading.get_ident() not in senders  # the hub thread never waits on a socket
+
+
+def test_a_slow_server_gets_every_request_alone(stub, backend):
+    """Coalescing never makes an item wait for a slower one: once round trips are long (a
+    model generating for real), requests go one by one."""
+    import sglrun as sgl
+
+    @sgl.function
+    def two(s, i):
+        s += f"row {i}:" + sgl.gen("x", max_tokens=2) + sgl.gen("y", max_tokens=2)
+
+    stub.fail("/generate", times=10**6, delay=0.05)  # every answer takes 50 ms
+    states = two.run_batch([{"i": i} for i in range(40)], backend=backend, num_threads=20)
+    assert [s.error() for s in states] == [None] * 40
+    posted = stub.posted("/generate")
+    lists = [body for body in posted if isinstance(body["text"], list)]
+    assert len(lists) <= 2  # only before the first round trip was measured
+    assert len(posted) >= 80 - 2 * 20
+    assert backend.coalescer is not None and backend.coalescer.slow
 
 
 def test_the_coalesce_setting_reaches_the_cli_backend(stub):
