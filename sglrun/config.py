@@ -39,6 +39,7 @@ KEYS = (
     "timeout",
     "retries",
     "coalesce",
+    "row_timeout",
     "default_profile",
 )
 _SAMPLING = ("temperature", "max_new_tokens", "top_p", "top_k", "stop")
@@ -70,6 +71,7 @@ class Settings:
     timeout: float = 600.0
     retries: int = 2
     coalesce: bool = True  # SGLang: requests made together travel as one list request
+    row_timeout: float = 600.0  # seconds a batch row may run (0: no limit)
     default_profile: str | None = None
     profile: str | None = None
     files: list[str] = field(default_factory=list)
@@ -89,7 +91,11 @@ class Settings:
 
     def masked(self) -> dict[str, Any]:
         """Everything safe to print: the key's variable name and whether it is set, never it."""
+        from sglrun.backends.http_support import mask_url
+
         shown: dict[str, Any] = {key: getattr(self, key) for key in KEYS}
+        if shown.get("url"):  # a URL's own password is as secret as a key
+            shown["url"] = [mask_url(url) for url in shown["url"]]
         shown["api_key"] = "set" if self.api_key_present else "not set"
         shown["profile"] = self.profile
         shown["files"] = list(self.files)
@@ -190,6 +196,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "timeout": _number(0, open_low=True),
     "retries": _integer(0),
     "coalesce": _boolean,
+    "row_timeout": _number(0),
     "default_profile": _string,
 }
 
@@ -197,7 +204,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
 def _shown(key: str, value: Any) -> str:
     if key == "api_key_env":  # whatever was put here might be the key itself
         return type(value).__name__
-    text = repr(value)
+    from sglrun.backends.http_support import mask_url
+
+    text = mask_url(repr(value))
     text = text if len(text) <= 40 else text[:37] + "..."
     return f"{type(value).__name__} {text}"
 
@@ -229,7 +238,7 @@ def _from_text(key: str, text: str) -> Any:
             return text
     if key == "coalesce" and text.lower() in _BOOLEAN_TEXT:
         return _BOOLEAN_TEXT[text.lower()]
-    if key in ("temperature", "top_p", "timeout"):
+    if key in ("temperature", "top_p", "timeout", "row_timeout"):
         try:
             return float(text)
         except ValueError:

@@ -148,12 +148,14 @@ class Coalescer:
         started = time.perf_counter()
         try:
             results = self._send_batch(items)
-        except Exception:
-            if len(groups) == 1:
+        except Exception as exc:
+            if len(groups) == 1 or getattr(exc, "timed_out", False):
+                # A server that let a whole list time out would let each row time out again:
+                # every row of the list gets the timeout, once, not twice the wait.
                 raise
-            # The batch failed after its retries (a refusal, a timeout, a broken answer): one
-            # row's bad request or bad luck must not fail the others, so each caller resends
-            # its own items alone, with its own retries.
+            # The batch failed after its retries (a refusal, a broken answer): one row's bad
+            # request or bad luck must not fail the others, so each caller resends its own
+            # items alone, with its own retries.
             return [SOLO] * len(groups)
         self._round_trips.append(time.perf_counter() - started)
         outcomes, position = [], 0

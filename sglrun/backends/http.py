@@ -3,7 +3,7 @@
 ``HTTPTransport`` sends JSON requests with aiohttp on the process's one I/O loop
 (``sglrun.backends.aio``): a program on a hub parks while its request is out, any other caller
 waits in its own thread. It retries what is worth retrying (connection errors, 408, 429 and
-5xx; never another 4xx) with exponential backoff and full jitter, waits at least what a
+5xx; never another 4xx) with exponential backoff (and jitter), waits at least what a
 ``Retry-After`` asks, stops after ``retries`` retries or ``retry_time`` seconds, whichever comes
 first, and turns failures into ``ServerError`` (carrying the server's own message) or
 ``TransportError`` (``timed_out`` for a deadline). Every attempt has a total deadline (connect,
@@ -156,6 +156,13 @@ class HTTPTransport:
         self._stats_lock = threading.Lock()
 
     # ----------------------------------------------------------------- helpers
+    @property
+    def probe_timeout(self) -> Timeout:
+        """For a backend's start-up questions (model info, dialect): a server that accepts the
+        connection and never answers fails within the connect timeout, not the read one."""
+        seconds = self.timeout.connect_timeout
+        return Timeout(seconds, seconds, seconds)
+
     @property
     def stats(self) -> TransportStats:
         with self._stats_lock:
@@ -357,8 +364,9 @@ class HTTPTransport:
                 # A server's Retry-After is honoured as given; one of (almost) zero would let
                 # every retry go at once, so our own backoff applies to it instead.
                 delay = failure.wait if failure.wait and failure.wait >= 0.05 else None
-                if delay is None:
-                    delay = random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt))
+                if delay is None:  # "equal jitter": never less than half the backoff
+                    base = min(self.max_backoff, self.backoff * 2**attempt)
+                    delay = random.uniform(base / 2, base)
                 elapsed = time.monotonic() - started
                 over_budget = elapsed + delay > self.retry_time
                 if not failure.retryable or attempt >= self.retries or over_budget:

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import email.utils
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -28,6 +29,7 @@ __all__ = [
     "SSEParser",
     "Timeout",
     "error_message",
+    "mask_url",
     "parse_sse",
     "raise_stream_error",
     "retry_after_seconds",
@@ -73,6 +75,14 @@ class SSEEvent(NamedTuple):
 
     event: str | None
     data: Any
+
+
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``//user:password@``) masked."""
+    return _CREDENTIALS.sub(lambda match: f"{match.group(1)}{MASK}@", text)
 
 
 def split_credentials(url: str) -> tuple[str, str | None, list[str]]:

@@ -214,7 +214,9 @@ class OpenAI(Backend):
             return "none", True
         certain = True
         try:
-            models = self.transport.request("GET", f"{self.api_prefix}/models")
+            models = self.transport.request(
+                "GET", f"{self.api_prefix}/models", timeout=self.transport.probe_timeout
+            )
             for entry in (models or {}).get("data", []) if isinstance(models, dict) else []:
                 owner = str(entry.get("owned_by", "")).lower()
                 if owner in ("llamacpp", "llama.cpp"):
@@ -224,7 +226,7 @@ class OpenAI(Backend):
         except ServerError as exc:
             certain = certain and exc.status < 500 and exc.status != 429
         try:
-            props = self.transport.request("GET", "/props")
+            props = self.transport.request("GET", "/props", timeout=self.transport.probe_timeout)
             if isinstance(props, dict) and (
                 "default_generation_settings" in props or "total_slots" in props
             ):

@@ -85,7 +85,9 @@ class RuntimeEndpoint(Backend):
         self.chat_template_name = chat_template_name
         self._chat_template: Any = None
         self._lock = threading.Lock()
-        info = self.transport.request("GET", "/get_model_info")
+        info = self.transport.request(
+            "GET", "/get_model_info", timeout=self.transport.probe_timeout
+        )
         if not isinstance(info, dict):
             raise TransportError(f"{self.base_url}/get_model_info did not answer a JSON object")
         self.model_info: dict[str, Any] = info

@@ -8,14 +8,14 @@ out of a million should cost one error record, not the run.
 from __future__ import annotations
 
 import csv
-import inspect
+import hashlib
 import itertools
 import json
 import os
+import re
 import sys
-import types
-import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -23,7 +23,7 @@ import orjson
 
 from sglrun.errors import InputError, InvalidArgumentError
 
-__all__ = ["ParamSpec", "Row", "RowSource", "convert_row", "open_rows", "param_specs"]
+__all__ = ["Row", "RowSource", "open_rows", "parse_json", "row_digest"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _FORMATS = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "csv": "csv"}
@@ -34,13 +34,24 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 @dataclass(frozen=True)
 class Row:
-    """One data row; ``error`` is set (and ``data`` is None) when the line was malformed."""
+    """One data row; ``error`` is set (and ``data`` is None) when the line was malformed.
+    ``digest`` identifies its content (a resume checks a record against its row with it)."""
 
     index: int
     line: int
     id: str
     data: dict[str, Any] | None
     error: InputError | None = None
+    digest: str = ""
+
+
+def row_digest(data: Any) -> str:
+    """A short, stable hash of a row's content (its keys in any order, values exact)."""
+    try:
+        canonical = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except (orjson.JSONEncodeError, TypeError):  # integers beyond 64 bits, odd values
+        canonical = json.dumps(data, sort_keys=True, default=str).encode("utf-8", "replace")
+    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
 
 def _fail(name: str, line: int, message: str) -> InputError:
@@ -62,12 +73,26 @@ def _decode(raw: bytes) -> tuple[str | None, str]:
         return None, f"not valid UTF-8 (byte 0x{bad} at column {exc.start + 1})"
 
 
+# A run of 19+ digits may be an integer beyond 64 bits, which orjson reads as a float
+# (123456789012345678901234567890 -> 1.2345678901234568e+29): the stdlib keeps it exact.
+_LONG_NUMBER = re.compile(r"\d{19,}")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` that keeps every integer exact (orjson when it can, for speed)."""
+    if _LONG_NUMBER.search(text if isinstance(text, str) else text.decode("utf-8", "replace")):
+        return json.loads(text)
+    return orjson.loads(text)
+
+
 def _parse_json_line(text: str) -> tuple[Any, str]:
-    """Parsed value or an error text; orjson for speed, the stdlib for its precise messages."""
-    try:
-        return orjson.loads(text), ""
-    except orjson.JSONDecodeError:
-        pass
+    """Parsed value or an error text; orjson for speed, the stdlib for its precise messages
+    and for integers beyond 64 bits."""
+    if not _LONG_NUMBER.search(text):
+        try:
+            return orjson.loads(text), ""
+        except orjson.JSONDecodeError:
+            pass
     try:  # also accepts what orjson refuses but JSON tools emit: NaN, ints over 64 bits
         return json.loads(text), ""
     except json.JSONDecodeError as exc:
@@ -133,7 +158,7 @@ def _csv_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, 
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
     feed = _LineCounter(lines)
-    reader = csv.reader(feed)
+    reader = csv.reader(feed, strict=True)  # strict: an unterminated quote is an error
     header: list[str] | None = None
     while True:
         start = feed.consumed + 1
@@ -144,6 +169,13 @@ def _csv_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, 
         except csv.Error as exc:
             if header is None:  # without a header no later row can be read right
                 raise _fail(name, start, f"CSV header is not valid CSV ({exc})") from None
+            if "unexpected end of data" in str(exc):
+                swallowed = feed.consumed - start + 1
+                yield start, None, (
+                    f"not valid CSV: a quoted field opened here is never closed, so the rest "
+                    f"of the file ({swallowed} lines) was read into it"
+                )
+                return
             yield start, None, f"not valid CSV ({exc})"
             continue
         if not fields or (len(fields) == 1 and not fields[0].strip()):
@@ -166,7 +198,8 @@ def _csv_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, 
 def _check_header(header: list[str], name: str, line: int) -> None:
     if any(not column for column in header):
         raise _fail(name, line, "CSV header has an empty column name")
-    repeated = sorted({column for column in header if header.count(column) > 1})
+    counts = Counter(header)  # linear: a header of 100,000 columns is checked at once
+    repeated = sorted(column for column, count in counts.items() if count > 1)
     if repeated:
         raise _fail(name, line, f"CSV header repeats the column {repeated[0]!r}")
 
@@ -198,25 +231,56 @@ class RowSource:
                 raise InvalidArgumentError(f"{self.name} can be read only once")
             self._handle = _open_binary(self.path)
             lines = _binary_lines(self._handle)
+        handle = self._handle
+        opened_size = _size(handle) if self.path is not None else None
         parse = _jsonl_records if self.format == "jsonl" else _csv_records
+        seen: dict[int, int] = {}  # hash of each declared id -> its line (--id-field)
         try:
             for index, (line, data, why) in enumerate(parse(lines, self.name)):
                 if why:
-                    row_id = self._fallback_id(index, line)
-                    yield Row(index, line, row_id, None, _fail(self.name, line, why))
-                else:
-                    yield Row(index, line, self._row_id(data, index, line), data)
+                    row_id = self._unique(self._fallback_id(index, line), line, seen)
+                    error = _fail(self.name, line, why)
+                    yield Row(index, line, row_id, None, error, row_digest(why))
+                    continue
+                row_id = self._row_id(data, index, line)
+                unique = self._unique(row_id, line, seen)
+                if unique != row_id:  # the later row of a duplicate id: an error, not a run
+                    first = seen[_id_hash(row_id)]
+                    error = _fail(
+                        self.name, line, f"id {row_id!r} is used again (first at line {first})"
+                    )
+                    yield Row(index, line, unique, None, error, row_digest(data))
+                    continue
+                yield Row(index, line, row_id, data, None, row_digest(data))
+            if opened_size is not None and handle is not None and _size(handle) < opened_size:
+                raise InputError(
+                    f"{self.name}: the file shrank from {opened_size} to {_size(handle)} bytes "
+                    "while it was read: the rows after that were not read"
+                )
         finally:
             self.close()
 
+    def _unique(self, row_id: str, line: int, seen: dict[int, int]) -> str:
+        """``row_id``, or for a repeat of a declared id (``--id-field``) a derived one that no
+        other row can have: ``<id>@line-<n>``."""
+        if self.id_field is None:
+            return row_id  # row numbers are unique by construction
+        key = _id_hash(row_id)
+        if key in seen:
+            return f"{row_id}@line-{line}"
+        seen[key] = line
+        return row_id
+
     def _row_id(self, data: dict[str, Any], index: int, line: int) -> str:
+        """The id exactly as written: a string as is, a number in its digits."""
         if self.id_field is not None and data.get(self.id_field) not in (None, ""):
-            return str(data[self.id_field])
+            value = data[self.id_field]
+            return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         return self._fallback_id(index, line)
 
     def _fallback_id(self, index: int, line: int) -> str:
-        """Row number without --id-field; with it, a row lacking an id is named by its line,
-        so it can never take the id another row declares."""
+        """Row number without --id-field; with it, a row lacking an id is named by its line
+        (a declared id equal to it is then a repeat, so none is ever shared)."""
         return str(index) if self.id_field is None else f"line-{line}"
 
     def count_rows(self) -> int | None:
@@ -247,6 +311,17 @@ class RowSource:
         self.close()
 
 
+def _id_hash(row_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big")
+
+
+def _size(handle: IO[Any] | None) -> int | None:
+    try:
+        return os.fstat(handle.fileno()).st_size if handle is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _content(raw: bytes, number: int) -> bytes:
     return raw.removeprefix(_BOM) if number == 0 else raw
 
@@ -269,7 +344,7 @@ def _sniff(lines: Iterator[bytes]) -> tuple[str, Iterator[bytes]]:
         seen.append(raw)
         stripped = (raw.removeprefix(_BOM) if len(seen) == 1 else raw).strip()
         if stripped:
-            fmt = "jsonl" if stripped.startswith(b"{") else "csv"
+            fmt = "jsonl" if stripped.startswith((b"{", b"[")) else "csv"
             return fmt, itertools.chain(seen, lines)
     return "jsonl", iter(seen)
 
@@ -294,6 +369,8 @@ def open_rows(
         lines: Iterator[bytes] = _binary_lines(stream)
         if chosen is None:
             chosen, lines = _sniff(lines)
+        if chosen == "jsonl":
+            lines = _refuse_json_array(lines, "<stdin>")
         return RowSource("<stdin>", chosen, id_field, lines, None, stream)
     handle = _open_binary(path)
     lines = _binary_lines(handle)
@@ -305,231 +382,24 @@ def open_rows(
             chosen = "csv"
         else:
             chosen, lines = _sniff(lines)
+    if chosen == "jsonl":
+        lines = _refuse_json_array(lines, path)
     return RowSource(path, chosen, id_field, lines, path, handle)
 
 
-# ----------------------------------------------------------------------------- conversion
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One keyword parameter of a program function (the state parameter ``s`` excluded)."""
-
-    name: str
-    annotation: Any = None
-    has_default: bool = False
-    default: Any = None
-
-
-def param_specs(func: Callable[..., Any]) -> list[ParamSpec]:
-    """The parameters a row can fill: every parameter after the first (the state ``s``)."""
-    signature = inspect.signature(func)
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # an unresolvable forward reference: fall back per parameter below
-        hints = {}
-    params = list(signature.parameters.values())
-    if not params:
-        raise InvalidArgumentError(f"{getattr(func, '__name__', func)!r} has no state parameter")
-    specs = []
-    for param in params[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        annotation = hints.get(param.name, param.annotation)
-        if annotation is inspect.Parameter.empty:
-            annotation = None
-        elif isinstance(annotation, str):  # evaluate it as get_type_hints would; unknown = None
-            try:
-                annotation = eval(annotation, dict(getattr(func, "__globals__", {})))
-            except Exception:
-                annotation = None
-        has_default = param.default is not inspect.Parameter.empty
-        default = param.default if has_default else None
-        specs.append(ParamSpec(param.name, annotation, has_default, default))
-    return specs
-
-
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
-
-
-class _Mismatch(Exception):
-    """The value does not fit the annotation."""
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return "None"
-    if origin is not None:
-        return getattr(origin, "__name__", str(annotation))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _convert(value: Any, annotation: Any) -> Any:
-    """``value`` as ``annotation``; raises _Mismatch when it cannot be."""
-    if annotation is None or annotation is Any:
-        return value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return _convert_union(value, typing.get_args(annotation))
-    if origin is typing.Literal:
-        for choice in typing.get_args(annotation):
-            if value == choice or (isinstance(value, str) and value == str(choice)):
-                return choice
-        raise _Mismatch
-    target = origin or annotation
-    if annotation is type(None):
-        if value is None or value == "":
-            return None
-        raise _Mismatch
-    if target is bool:
-        return _to_bool(value)
-    if target is int:
-        return _to_int(value)
-    if target is float:
-        return _to_float(value)
-    if target is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Mismatch
-    if target in (list, dict, tuple):
-        if isinstance(value, str):
-            value, why = _parse_json_line(value)
-            if why:
-                raise _Mismatch
-        if target is tuple and isinstance(value, list):
-            return tuple(value)
-        if isinstance(value, target):
-            return value
-        raise _Mismatch
-    if isinstance(target, type) and not isinstance(value, target):
-        raise _Mismatch
-    return value
-
-
-def _convert_union(value: Any, members: tuple[Any, ...]) -> Any:
-    if type(None) in members and (value is None or value == ""):
-        return None
-    for member in members:  # a value already of a member type stays as it is
-        if isinstance(member, type) and member is not type(None) and type(value) is member:
-            return value
-    for member in members:
-        if member is type(None):
-            continue
-        try:
-            return _convert(value, member)
-        except _Mismatch:
-            continue
-    raise _Mismatch
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if type(value) is int and value in (0, 1):
-        return bool(value)
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word in _TRUE or word in _FALSE:
-        return word in _TRUE
-    raise _Mismatch
-
-
-def _to_int(value: Any) -> int:
-    if type(value) is int:
-        return value
-    number = _to_float(value)  # "3.0" from a spreadsheet export is still 3
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    if number.is_integer():
-        return int(number)
-    raise _Mismatch
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Mismatch
-    try:
-        return float(value.strip() if isinstance(value, str) else value)
-    except ValueError:
-        raise _Mismatch from None
-
-
-def _shorten(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def convert_row(
-    data: dict[str, Any],
-    params: list[ParamSpec],
-    *,
-    mapping: dict[str, str] | None = None,
-    strict: bool = False,
-    source: str = "",
-    id_field: str | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments for one row; raises InputError naming the column and the problem.
-
-    ``mapping`` is ``{parameter: column}``; ``source`` (e.g. ``"in.csv:7"``) prefixes messages.
-    An empty CSV cell for a non-string parameter with a default means "use the default".
-    """
-    prefix = f"{source}: " if source else ""
-    by_name = {spec.name: spec for spec in params}
-    mapping = dict(mapping or {})
-    for param in mapping:
-        if param not in by_name:
-            known = ", ".join(by_name) or "none"
-            raise InvalidArgumentError(f"--map names {param!r}, which is not a parameter ({known})")
-    kwargs: dict[str, Any] = {}
-    missing: list[str] = []
-    for spec in params:
-        column = mapping.get(spec.name, spec.name)
-        if column not in data:
-            if not spec.has_default:
-                via = "" if column == spec.name else f" (column {column!r})"
-                missing.append(spec.name + via)
-            continue
-        value = data[column]
-        if _use_default(value, spec):
-            continue
-        try:
-            kwargs[spec.name] = _convert(value, spec.annotation)
-        except _Mismatch:
-            raise InputError(
-                f"{prefix}column {column!r}: expected {_type_name(spec.annotation)}, "
-                f"got {_shorten(value)}"
-            ) from None
-    if missing:
-        raise InputError(f"{prefix}missing required argument(s): {', '.join(missing)}")
-    if strict:
-        known_columns = set(mapping.values()) | {n for n in by_name if n not in mapping}
-        if id_field is not None:
-            known_columns.add(id_field)
-        unknown = [column for column in data if column not in known_columns]
-        if unknown:
-            names = ", ".join(repr(column) for column in unknown)
-            raise InputError(
-                f"{prefix}unknown column(s) {names}; parameters are {', '.join(by_name) or 'none'}"
-            )
-    return kwargs
-
-
-def _use_default(value: Any, spec: ParamSpec) -> bool:
-    """An empty cell or null that the annotation cannot hold means "not given": keep the default."""
-    if not spec.has_default or (value is not None and value != ""):
-        return False
-    try:
-        _convert(value, spec.annotation)
-    except _Mismatch:
-        return True
-    return False
+def _refuse_json_array(lines: Iterator[bytes], name: str) -> Iterator[bytes]:
+    """A pretty-printed JSON array is one document, not JSON Lines: one clear error up front
+    instead of one "not valid JSON" per line."""
+    seen: list[bytes] = []
+    for raw in lines:
+        seen.append(raw)
+        stripped = (raw.removeprefix(_BOM) if len(seen) == 1 else raw).strip()
+        if stripped:
+            if stripped.startswith(b"["):
+                shown = name if name != "-" else "FILE"
+                raise InputError(
+                    f"{name}: is one JSON array, not JSON Lines (one object per line); "
+                    f"convert it with: jq -c '.[]' {shown} > rows.jsonl"
+                )
+            break
+    return itertools.chain(seen, lines)

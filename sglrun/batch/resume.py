@@ -11,27 +11,30 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from sglrun.batch.manifest import manifest_path
+from sglrun.batch.readers import Row, parse_json
 from sglrun.errors import InputError, InvalidArgumentError
 
-__all__ = ["ResumeState", "prepare_resume", "scan_output"]
+__all__ = ["ResumeState", "prepare_resume", "scan_output", "verify_resume"]
 
 
 @dataclass
 class ResumeState:
     """What an existing output file already holds.
 
-    ``skip`` is filled by ``prepare_resume``: the ids the new run must not run again.
+    ``digests`` maps every id to the digest of the row its record came from (None for a
+    record written without one). ``skip`` is filled by ``prepare_resume``: the ids the new run
+    must not run again (their rows must still have the digest ``digests`` gives).
     """
 
     path: str
     done_ok: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
+    digests: dict[str, str | None] = field(default_factory=dict)
     records: int = 0
     repaired: bool = False
     removed: int = 0
@@ -40,9 +43,9 @@ class ResumeState:
 
 def _parse(raw: bytes) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        try:  # what our stdlib fallback writer may have produced (integers beyond 64 bits)
+        return parse_json(raw)
+    except ValueError:
+        try:  # what our stdlib fallback writer may have produced (lone surrogates, escaped)
             return json.loads(raw)
         except ValueError:
             return None
@@ -95,6 +98,8 @@ def scan_output(path: str) -> ResumeState:
                     raise InputError(f"{path}:{number}: not an sglrun output record (no 'id')")
                 if not raw.endswith(b"\n"):
                     torn = (number, offset, True)
+                digest = value.get("digest")
+                state.digests[record_id] = digest if isinstance(digest, str) else None
                 state.records += 1
                 if ok:
                     state.done_ok.add(record_id)
@@ -121,21 +126,95 @@ def _repair(path: str, offset: int, size: int, *, complete: bool) -> None:
         raise InputError(f"{path}: cannot repair the torn last line ({exc.strerror})") from None
 
 
-def prepare_resume(path: str, *, retry_errors: bool) -> ResumeState:
-    """Scan ``path`` and work out which ids to skip.
+def prepare_resume(
+    path: str, *, retry_errors: bool, drop: set[str] | None = None, state: ResumeState | None = None
+) -> ResumeState:
+    """Scan ``path`` (unless ``state`` is its scan already) and work out which ids to skip.
 
     Without ``retry_errors`` both succeeded and failed ids are skipped. With it, the failed
     records are removed from the file first (temp file + ``os.replace``, so a crash leaves the
-    old or the new file, never half of one) and their rows run again: one record per id.
+    old or the new file, never half of one) and their rows run again: one record per id. The
+    records of ``drop`` (rows that changed, rows gone from the input) are removed the same way.
     """
-    state = scan_output(path)
-    if not retry_errors:
-        state.skip = state.done_ok | state.failed
-        return state
-    state.skip = set(state.done_ok)
-    if state.failed:
-        state.removed = _drop_records(path, state.failed)
+    state = state if state is not None else scan_output(path)
+    remove = set(drop or ()) | (state.failed if retry_errors else set())
+    state.skip = (state.done_ok | state.failed) - remove
+    if remove:
+        state.removed = _drop_records(path, remove)
     return state
+
+
+def verify_resume(
+    state: ResumeState,
+    manifest: dict[str, Any] | None,
+    *,
+    id_field: str | None,
+    program: str,
+    rows: Iterable[Row] | None,
+    force: bool,
+) -> set[str]:
+    """Check that the output can go on from this input and program; raise ``InputError`` (one
+    line) if not. With ``force``, return the ids whose records must go instead: rows that
+    changed since they were written and rows no longer in the input (they run again or
+    vanish). ``rows`` is the input read once more (None for stdin: its rows are checked as they
+    are read)."""
+    path = state.path
+    if state.records == 0:
+        return set()
+    if manifest is None:
+        raise InputError(
+            f"{path}: not written by sglrun batch (no {os.path.basename(manifest_path(path))} "
+            "beside it): refusing to resume into it; choose another -o, or --overwrite"
+        )
+    if any(digest is None for digest in state.digests.values()):
+        raise InputError(
+            f"{path}: its records carry no row digests (written by an older sglrun), so they "
+            "cannot be checked against the input; start again with --overwrite"
+        )
+    if manifest.get("id_field") != id_field:
+        before = _id_scheme(manifest.get("id_field"))
+        raise InputError(
+            f"{path} was written with ids from {before}, this run takes them from "
+            f"{_id_scheme(id_field)}: resuming would mix rows up; give the same --id-field, "
+            "or start again with --overwrite"
+        )
+    if manifest.get("program", {}).get("fingerprint") != program and not force:
+        raise InputError(
+            f"{path} was written by another version of the program "
+            f"({manifest.get('program', {}).get('path', '?')}); add --force to resume anyway "
+            "(the records already written stay as they are)"
+        )
+    if rows is None:
+        return set()
+    changed: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for row in rows:
+        written = state.digests.get(row.id)
+        if written is None:
+            continue
+        seen.add(row.id)
+        if written != row.digest:
+            changed.append((row.id, row.line))
+    gone = sorted(set(state.digests) - seen)
+    if (changed or gone) and not force:
+        parts = []
+        if changed:
+            first, line = changed[0]
+            parts.append(f"{len(changed)} rows changed since their records were written "
+                         f"(first: id {first!r}, input line {line})")  # fmt: skip
+        if gone:
+            parts.append(f"{len(gone)} records belong to no row of the input (first: id "
+                         f"{gone[0]!r})")  # fmt: skip
+        raise InputError(
+            f"{path}: {'; '.join(parts)}: the input was edited, reordered or is another file. "
+            "Start again with --overwrite, or add --force to run the changed rows again and "
+            "drop the records of rows no longer in the input"
+        )
+    return {row_id for row_id, _ in changed} | set(gone)
+
+
+def _id_scheme(id_field: Any) -> str:
+    return f"--id-field {id_field}" if id_field else "row numbers"
 
 
 def _drop_records(path: str, ids: set[str]) -> int:

@@ -16,15 +16,18 @@ No Rich here: progress and the streaming panel are callbacks the CLI supplies.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sglrun.batch.readers import Row, convert_row, param_specs
+from sglrun.batch.convert import convert_row, param_specs
+from sglrun.batch.readers import Row
 from sglrun.batch.writers import OrderedEmitter, make_record
-from sglrun.errors import InvalidArgumentError, SglrunError, VariableNotProducedError
+from sglrun.errors import InputError, InvalidArgumentError, SglrunError, VariableNotProducedError
+from sglrun.lang.hub import current_task
 from sglrun.lang.runtime import execute, new_state
 from sglrun.lang.scheduler import Feed, Finished, Scheduler
 
@@ -46,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger("sglrun.batch")
 
-INCLUDE_FIELDS = ("input", "text", "messages", "meta")
+INCLUDE_FIELDS = ("input", "text", "messages", "meta", "stdout")
 DEFAULT_WINDOW = 100_000  # rows a slow row may fall behind before it holds up new rows
 _MESSAGE_LIMIT = 2000
 _POLL = 0.1  # seconds between checks of the stop event while the reader waits
@@ -155,6 +158,7 @@ class _Batch:
         source: str,
         stop: threading.Event,
         skip_ids: Collection[str],
+        skip_digests: Mapping[str, str | None],
         keys: _KeyCheck,
     ) -> None:
         self.program = program
@@ -171,6 +175,7 @@ class _Batch:
         self.source = source
         self.stop = stop
         self.skip_ids = skip_ids
+        self.skip_digests = skip_digests
         self.keys = keys
         self.specs = param_specs(program.func)
         self.lock = threading.Lock()
@@ -202,6 +207,14 @@ class _Batch:
                 if self.stopping():
                     return
             if self.skip_ids and row.id in self.skip_ids:
+                expected = self.skip_digests.get(row.id)
+                if expected is not None and row.digest and expected != row.digest:
+                    stats.read_error = InputError(
+                        f"{self.source or 'input'}:{row.line}: row {row.id!r} is not the row its "
+                        "record was written for (the input changed since); nothing from here "
+                        "on was run"
+                    )
+                    return
                 self.emitter.skip(position)
                 with self.lock:
                     stats.skipped += 1
@@ -215,17 +228,21 @@ class _Batch:
 
     # ------------------------------------------------------------ one row (a hub task)
     def run_job(self, job: _Job) -> tuple[dict[str, Any], int]:
+        if "stdout" in self.include:  # this row's print() lands in its record
+            task = current_task()
+            if task is not None:
+                task.context = {"stdout": []}
         try:
             return self._record_for(job)
         except Exception as exc:  # a row must survive anything a program does
-            return make_record(job.row.id, {}, error_info(exc)), 0
+            return make_record(job.row.id, {}, error_info(exc), digest=job.row.digest), 0
 
     def _record_for(self, job: _Job) -> tuple[dict[str, Any], int]:
         row = job.row
         data = row.data
         wants_input = "input" in self.include
         if row.error is not None or data is None:
-            return make_record(row.id, {}, error_info(row.error)), 0
+            return make_record(row.id, {}, error_info(row.error), digest=row.digest), 0
         try:
             kwargs = convert_row(
                 data,
@@ -238,7 +255,8 @@ class _Batch:
             arguments = self.program.bind_call((), kwargs)
         except Exception as exc:
             row_input = data if wants_input else None
-            return make_record(row.id, {}, error_info(exc), row=row_input), 0
+            record = make_record(row.id, {}, error_info(exc), row=row_input, digest=row.digest)
+            return record, 0
         state = new_state(
             self.program,
             self.backend,
@@ -265,6 +283,8 @@ class _Batch:
                 text=state.text() if "text" in self.include else None,
                 messages=state.messages() if "messages" in self.include else None,
                 meta=meta if "meta" in self.include else None,
+                digest=row.digest,
+                stdout=_captured() if "stdout" in self.include else None,
             )
             return record, count_tokens(meta)
         finally:
@@ -277,7 +297,9 @@ class _Batch:
         job: _Job = finished.item
         tokens = 0
         if finished.error is not None:  # cancelled outside the program (a time limit)
-            record = make_record(job.row.id, {}, error_info(finished.error))
+            record = make_record(
+                job.row.id, {}, error_info(finished.error), digest=job.row.digest
+            )
         else:
             record, tokens = finished.result
         failed = record.get("error") is not None
@@ -328,6 +350,7 @@ def run_batch_file(
     strict: bool = False,
     id_field: str | None = None,
     skip_ids: Collection[str] = frozenset(),
+    skip_digests: Mapping[str, str | None] | None = None,
     total: int | None = None,
     source: str = "",
     grace: float = 5.0,
@@ -365,13 +388,14 @@ def run_batch_file(
         program, backend=backend, defaults=defaults, emitter=emitter, stats=stats,
         on_progress=on_progress, include=frozenset(include), stream_panel=stream_panel,
         mapping=mapping, strict=strict, id_field=id_field, source=source, stop=stop,
-        skip_ids=skip_ids, keys=keys,
+        skip_ids=skip_ids, skip_digests=skip_digests or {}, keys=keys,
     )  # fmt: skip
     scheduler = Scheduler(num_threads, name=f"batch {program.name}", row_timeout=row_timeout)
     logger.info("batch %s: %d in flight, window %d", program.name, num_threads, window)
     feed = Feed(batch.jobs(iter(rows)), capacity=max(1, num_threads - 1))
     interrupted = False
     finished_rows = scheduler.imap(batch.run_job, feed, stop=stop, grace=grace)
+    capture = _RowStdout.install() if "stdout" in include else None
     try:
         for finished in finished_rows:
             batch.finish(finished)
@@ -381,6 +405,8 @@ def run_batch_file(
         interrupted = True
     finally:
         finished_rows.close()
+        if capture is not None:
+            capture.uninstall()
         batch.halt.set()  # the feed thread stops reading
         if isinstance(feed.error, KeyboardInterrupt):
             interrupted = True
@@ -404,6 +430,45 @@ def run_batch_file(
     if stats.abandoned:
         logger.info("abandoned %d rows still running after the interrupt", stats.abandoned)
     return stats
+
+
+def _captured() -> str:
+    """What the running row printed (``--include stdout``)."""
+    task = current_task()
+    context = task.context if task is not None else None
+    return "".join(context.get("stdout", ())) if context else ""
+
+
+class _RowStdout:
+    """``sys.stdout`` while rows run with ``--include stdout``: a row's prints are kept for
+    its record; anything else goes where stdout went before."""
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+
+    @classmethod
+    def install(cls) -> _RowStdout:
+        capture = cls(sys.stdout)
+        sys.stdout = capture  # type: ignore[assignment]
+        return capture
+
+    def uninstall(self) -> None:
+        if sys.stdout is self:
+            sys.stdout = self.fallback
+
+    def write(self, text: str) -> int:
+        task = current_task()
+        context = task.context if task is not None else None
+        if context is not None and "stdout" in context:
+            context["stdout"].append(text)
+            return len(text)
+        return int(self.fallback.write(text))
+
+    def flush(self) -> None:
+        self.fallback.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fallback, name)
 
 
 class _KeyCheck:

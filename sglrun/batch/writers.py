@@ -28,24 +28,27 @@ _ORJSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 def _encode(record: Record) -> bytes:
-    """One JSON line; the stdlib handles what orjson refuses (integers beyond 64 bits)."""
+    """One JSON line; the stdlib handles what orjson refuses (integers beyond 64 bits, a lone
+    surrogate from a broken input): escaped to ASCII, so the line is always valid UTF-8."""
     try:
         return orjson.dumps(record, default=str, option=_ORJSON_OPTIONS)
     except (orjson.JSONEncodeError, TypeError):
-        text = json.dumps(to_jsonable(record), ensure_ascii=False, default=str)
-        return text.encode("utf-8", "surrogatepass") + b"\n"
+        text = json.dumps(to_jsonable(record), ensure_ascii=True, default=str)
+        return text.encode("ascii") + b"\n"
 
 
 class RecordWriter:
     """Appends JSON lines to a file or stdout (``-``), flushing after each record."""
 
-    def __init__(self, path: str, *, append: bool, fsync: bool = False) -> None:
+    def __init__(
+        self, path: str, *, append: bool, fsync: bool = False, stream: IO[bytes] | None = None
+    ) -> None:
         self.path = path
         self.fsync = fsync and path != "-"
         self._lock = threading.Lock()
         self.count = 0
         if path == "-":
-            self._stream: IO[bytes] = getattr(sys.stdout, "buffer", sys.stdout)
+            self._stream: IO[bytes] = stream or getattr(sys.stdout, "buffer", sys.stdout)
             self._owned = False
         else:
             check_writable(path)
@@ -252,8 +255,11 @@ def make_record(
     text: str | None = None,
     messages: list[Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    digest: str | None = None,
+    stdout: str | None = None,
 ) -> Record:
-    """The stable output schema ``{"id", "vars", "error"}`` plus opt-in keys when given.
+    """The stable output schema ``{"id", "vars", "error", "digest"}`` plus opt-in keys when
+    given. ``digest`` identifies the input row the record belongs to (``--resume`` checks it).
 
     ``error`` may be an exception, a ``{"type", "message"}`` mapping or a plain message; the
     optional ``row`` is written under ``input``.
@@ -263,6 +269,8 @@ def make_record(
         "vars": to_jsonable(dict(vars or {})),
         "error": _error_dict(error),
     }
+    if digest:
+        record["digest"] = digest
     if row is not None:
         record["input"] = to_jsonable(row)
     if text is not None:
@@ -271,4 +279,6 @@ def make_record(
         record["messages"] = to_jsonable(messages)
     if meta is not None:
         record["meta"] = to_jsonable(meta)
+    if stdout is not None:
+        record["stdout"] = stdout
     return record

@@ -290,16 +290,16 @@ def _check_output(output: str, input_path: str) -> None:
         return
     if output.lower().endswith((".csv", ".tsv")):
         raise InputError(f"{output}: sglrun writes JSON Lines; name the output .jsonl (or -)")
-    if input_path != "-" and os.path.abspath(output) == os.path.abspath(input_path):
-        raise InputError(f"{output}: the output would overwrite the input")
 
 
 def _resume_hint(output: str) -> str:
     import shlex
 
+    from sglrun.backends.http_support import mask_url
+
     if output == "-":
         return "sglrun: interrupted; to resume later, write to a file with -o FILE and --resume"
-    args = list(_INVOCATION)
+    args = [mask_url(arg) for arg in _INVOCATION if arg != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
     return "sglrun: interrupted; to continue, run: " + shlex.join(["sglrun", *args])
@@ -326,6 +326,14 @@ def batch(
     window: _opt(int, "--window", metavar="N", help="Records held back to keep order.") = None,
     resume: _switch("--resume", help="Append to OUTPUT, skipping ids already in it.") = False,
     retry_errors: _switch("--retry-errors", help="Resume and run failed ids again.") = False,
+    overwrite: _switch("--overwrite", help="Replace an existing OUTPUT (once done).") = False,
+    force: _switch(
+        "--force", help="Resume although the input or program changed: rerun changed rows."
+    ) = False,
+    row_timeout: _opt(
+        float, "--row-timeout", metavar="SECONDS",
+        help="A row running longer is an error record, the batch goes on (0: none) [600].",
+    ) = None,  # fmt: skip
     include: _opt(
         list[str], "--include", metavar="FIELDS", help="Add input,text,messages,meta."
     ) = None,
@@ -365,6 +373,12 @@ def batch(
         for flag, value in (("--window", window), ("--limit", limit)):
             if value is not None and value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
+        if overwrite and (resume or retry_errors):
+            raise InputError("--overwrite replaces the output, --resume continues it: give one")
+        if force and not (resume or retry_errors):
+            raise InputError("--force goes with --resume (it accepts a changed input or program)")
+        if row_timeout is not None and row_timeout < 0:
+            raise InputError(f"--row-timeout must be >= 0 seconds (0: none), got {row_timeout}")
         mapping = _parse_map(maps)
         settings, backend_name = shared.settings()
         fn = load_program(program, function)
@@ -376,6 +390,8 @@ def batch(
             input_format=input_format, id_field=id_field, mapping=mapping, strict=strict,
             ordered=not unordered, window=window, resume=resume or retry_errors,
             retry_errors=retry_errors, include=fields, stream=stream, limit=limit,
+            overwrite=overwrite, force=force, program_path=program,
+            row_timeout=row_timeout,
         )  # fmt: skip
         job.prepare()
     job.run()

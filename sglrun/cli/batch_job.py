@@ -55,6 +55,10 @@ class BatchJob:
     include: set[str]
     stream: bool
     limit: int | None
+    overwrite: bool = False
+    force: bool = False
+    program_path: str | None = None
+    row_timeout: float | None = None
 
     def prepare(self) -> None:
         """Open the input and output and build the backend; raises SglrunError (exit 2)."""
@@ -64,15 +68,25 @@ class BatchJob:
         self.batch = open_batch(
             self.input_path, self.out, fmt=self.input_format, id_field=self.id_field,
             limit=self.limit, resume=self.resume, retry_errors=self.retry_errors,
+            overwrite=self.overwrite, force=self.force, program=self.program_path,
+            function=self.fn.name,
         )  # fmt: skip
-        if self.batch.repaired:
-            _say(f"sglrun: repaired the torn last line of {self.out} (an interrupted write)")
-        if self.batch.removed:
-            _say(f"sglrun: removed {self.batch.removed} failed records from {self.out} to retry")
-        self.backend = build_backend(
-            self.settings, self.backend_name, insecure=self.shared.insecure
-        )
-        self.threads = auto_threads(self.settings, self.backend_name, self.backend)
+        try:
+            if self.batch.repaired:
+                _say(f"sglrun: repaired the torn last line of {self.out} (an interrupted write)")
+            if self.batch.removed:
+                what = "failed or changed" if self.force else "failed"
+                _say(f"sglrun: removed {self.batch.removed} {what} records from {self.out} to "
+                     "run them again")  # fmt: skip
+            self.backend = build_backend(
+                self.settings, self.backend_name, insecure=self.shared.insecure
+            )
+            self.threads = auto_threads(self.settings, self.backend_name, self.backend)
+        except BaseException:
+            self.batch.finish(keep=False)
+            raise
+        timeout = self.row_timeout if self.row_timeout is not None else self.settings.row_timeout
+        self.timeout = timeout if timeout else None  # 0: no time limit
 
     def run(self) -> NoReturn:
         """Run every row, print the summary, and exit with the batch's code."""
@@ -90,7 +104,11 @@ class BatchJob:
             stream_text=self.stream,
         )
         display.count_total(self.batch.source, self.limit)
-        writer = RecordWriter(self.out, append=self.resume)
+        claimed = _DataOnlyStdout() if self.out == "-" else None
+        writer = RecordWriter(
+            self.batch.write_path, append=self.batch.append,
+            stream=claimed.data if claimed is not None else None,
+        )  # fmt: skip
         stop, finished = threading.Event(), threading.Event()
 
         def announce() -> None:
@@ -110,10 +128,15 @@ class BatchJob:
                     on_record=writer.write, on_progress=display.update, include=self.include,
                     stream_panel=display.stream_panel, stop_event=stop,
                     mapping=self.mapping or None, strict=self.strict, id_field=self.id_field,
-                    skip_ids=self.batch.skip, source=self.batch.source.name,
+                    skip_ids=self.batch.skip, skip_digests=self.batch.digests,
+                    source=self.batch.source.name,
                     on_warning=lambda message: display.note(f"sglrun: warning: {message}"),
+                    row_timeout=self.timeout,
                 )  # fmt: skip
                 display.update(stats)  # the final numbers, unthrottled
+        except BaseException:
+            self.batch.finish(keep=False)
+            raise
         finally:
             finished.set()
             stop.set()  # releases the announcer
@@ -121,6 +144,9 @@ class BatchJob:
                 writer.close()
             except OSError:
                 pass
+            if claimed is not None:
+                claimed.restore()
+        self.batch.finish(keep=stats.status != "write_error")
         display.summary(stats, _retries(self.backend))
         self._exit(stats, label)
 
@@ -153,6 +179,46 @@ class BatchJob:
                 "add --retry-errors to run them again"
             )
         raise typer.Exit(EXIT_FAILED if stats.failed or kept else EXIT_OK)
+
+
+class _DataOnlyStdout:
+    """While a batch writes records to stdout, file descriptor 1 points at stderr and the
+    records go to a copy of the original: a program's ``print()``, or a library writing to the
+    C-level stdout, can never mix with the data."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self._python = sys.stdout
+        self._saved: int | None = None
+        if _fileno(sys.stdout) == 1 and _fileno(sys.stderr) == 2:
+            self._saved = os.dup(1)
+            self.data: Any = os.fdopen(os.dup(1), "wb")
+            os.dup2(2, 1)
+        else:  # stdout is not the process's (a test runner captures it): swap the objects
+            self.data = getattr(sys.stdout, "buffer", sys.stdout)
+            sys.stdout = sys.stderr
+
+    def restore(self) -> None:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        if self._saved is None:
+            sys.stdout = self._python
+            return
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        try:
+            self.data.close()
+        except OSError:  # a closed pipe (`| head`)
+            pass
+
+
+def _fileno(stream: Any) -> int | None:
+    try:
+        return int(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _retries(backend: Any) -> int:

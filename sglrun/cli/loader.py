@@ -154,7 +154,7 @@ def _option(name: str) -> str:
 def program_arguments(fn: SglFunction, tokens: list[str]) -> dict[str, Any]:
     """Keyword arguments from ``--name value`` / ``--name=value`` tokens (``sglrun run``),
     converted by the parameters' annotations; a bool flag may stand alone."""
-    from sglrun.batch.readers import convert_row, param_specs
+    from sglrun.batch.convert import convert_row, param_specs
 
     specs = param_specs(fn.func)
     by_name = {spec.name: spec for spec in specs}
@@ -215,7 +215,7 @@ def _annotation_text(annotation: Any) -> str:
 def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
     """What ``sglrun inspect`` prints: parameters, the variables a dry run produces and the
     prompt of ``sample`` (missing parameters show as ``{name}``); no model is called."""
-    from sglrun.batch.readers import convert_row, param_specs
+    from sglrun.batch.convert import convert_row, param_specs
 
     specs = param_specs(fn.func)
     names = [spec.name for spec in specs]

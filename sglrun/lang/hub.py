@@ -197,6 +197,8 @@ class Task(greenlet.greenlet):
         parent = greenlet.getcurrent()
         self.deadline: float | None = getattr(parent, "deadline", None)
         self.group: Any = getattr(parent, "group", None)
+        # What a row's tasks share (its captured stdout, say); set by whoever runs the row.
+        self.context: dict[str, Any] | None = getattr(parent, "context", None)
 
     def run(self, *_: Any) -> None:  # called by greenlet on the first switch
         try:

@@ -14,7 +14,8 @@ from sglang_stub import SGLangStub
 from sglrun.backends.anthropic import Anthropic
 from sglrun.backends.openai import OpenAI
 from sglrun.backends.runtime_endpoint import RuntimeEndpoint
-from sglrun.batch.readers import convert_row, open_rows, param_specs
+from sglrun.batch.convert import convert_row, param_specs
+from sglrun.batch.readers import open_rows
 from sglrun.cli.loader import load_program
 from sglrun.errors import UnsupportedCapabilityError
 

@@ -8,7 +8,8 @@ from typing import Optional
 
 import pytest
 
-from sglrun.batch.readers import ParamSpec, convert_row, open_rows, param_specs
+from sglrun.batch.convert import ParamSpec, convert_row, param_specs
+from sglrun.batch.readers import open_rows
 from sglrun.errors import InputError, InvalidArgumentError
 
 

@@ -158,16 +158,17 @@ def test_strict_rejects_unknown_columns(isolated):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_skips_done_ids_and_repairs_a_torn_line(isolated):
+def test_resume_skips_done_ids_and_repairs_a_torn_line(isolated, monkeypatch):
     program = write_program(isolated)
     write_jsonl(isolated / "rows.jsonl", [{"id": f"r{i}", "question": "q"} for i in range(6)])
     out = isolated / "out.jsonl"
-    out.write_text(
-        '{"id": "r0", "vars": {"answer": "old"}, "error": null}\n'
-        '{"id": "r1", "vars": {}, "error": {"type": "X", "message": "failed before"}}\n'
-        '{"id": "r2", "vars": {"ans'
-    )
     args = ["batch", str(program), "rows.jsonl", "-o", "out.jsonl", "--id-field", "id", *FAKE]
+    # An earlier run (one row at a time, so the replies go in order) wrote r0, failed r1 and
+    # was killed while writing r2: its last line is torn.
+    monkeypatch.setenv("SGLRUN_FAKE_REPLIES", '["old", {"error": "failed before"}, "x"]')
+    assert invoke(*args, "--limit", "3", "--num-threads", "1").exit_code == 1
+    out.write_bytes(out.read_bytes()[:-20])
+    monkeypatch.setenv("SGLRUN_FAKE_REPLIES", '["hello world"]')
     result = invoke(*args, "--resume")
     assert result.exit_code == 1, result.stderr  # the output still holds r1's failure
     assert "repaired" in result.stderr

@@ -235,7 +235,7 @@ def test_terminal_gets_a_live_display(tmp_path, extra):
 def test_quiet_and_dumb_terminals_get_no_escape_codes(tmp_path):
     program = write_program(tmp_path)
     write_jsonl(tmp_path / "rows.jsonl", [{"question": "q"}] * 5)
-    args = ["batch", str(program), "rows.jsonl", *FAKE]
+    args = ["batch", str(program), "rows.jsonl", "--overwrite", *FAKE]
     for extra, env in ((["-q"], {}), ([], {"TERM": "dumb"})):
         code, stderr = run_in_pty(args + extra, tmp_path, **env)
         assert code == 0

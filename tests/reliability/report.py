@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/reliability/report.py            # all faults + the crash run
     .venv/bin/python tests/reliability/report.py 5xx hang   # some scenarios only
+    .venv/bin/python tests/reliability/report.py integrity  # the integrity table
 
 Each scenario starts the faulty loopback server, runs ``sglrun batch -v`` on 500 rows (the
 crash run: 2,000 rows, five SIGKILLs, then ``--resume``) and counts from the output file.
@@ -23,7 +24,33 @@ COLUMNS = ["fault", "rows", "lost", "duplicated", "error records", "retries", "e
            "seconds"]  # fmt: skip
 
 
+INTEGRITY_COLUMNS = ["case", "rows", "lost", "duplicated", "errors", "exit", "note"]
+
+
+def integrity() -> int:
+    """Run ``test_integrity.py`` and print its facts as the integrity table."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="sglrun-integrity-") as tmp:
+        facts = Path(tmp) / "facts.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             str(Path(__file__).with_name("test_integrity.py"))],
+            env={**__import__("os").environ, "INTEGRITY_FACTS": str(facts)},
+        )  # fmt: skip
+        rows = [json.loads(line) for line in facts.read_text().splitlines()]
+    titles = ["case", "rows", "lost", "duplicated", "error records", "exit code", "what happened"]
+    print("| " + " | ".join(titles) + " |")
+    print("|" + "|".join("---" for _ in titles) + "|")
+    for row in sorted(rows, key=lambda r: (len(r["case"].split(".")[0]), r["case"])):
+        print("| " + " | ".join(str(row[column]) for column in INTEGRITY_COLUMNS) + " |")
+    return done.returncode
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["integrity"]:
+        return integrity()
     names = [name for name in argv if name != "crash"] or list(SCENARIOS)
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:

@@ -30,7 +30,9 @@ def prog(s, text: str, n: int = 1):
 
 
 def batch(tmp_path: Path, input_name: str, *extra: str, program: str = "prog.py") -> Run:
-    args = ["batch", program, input_name, "-o", "out.jsonl", "--backend", "fake", *extra]
+    # Each call starts the output anew (several runs of one test share a directory).
+    args = ["batch", program, input_name, "-o", "out.jsonl", "--overwrite", "--backend", "fake",
+            *extra]  # fmt: skip
     return run_cli(args, cwd=tmp_path, env=clean_env(SGLRUN_FAKE_REPLIES='["hi"]'), timeout=60)
 
 

@@ -191,7 +191,7 @@ def test_resume_retry_errors_reruns_only_the_failed_rows(outcome_of, tmp_path):
     assert failed
     work = tmp_path / "again"
     work.mkdir()
-    for name in ("prog.py", "rows.jsonl", "sglrun.yaml", "out.jsonl"):
+    for name in ("prog.py", "rows.jsonl", "sglrun.yaml", "out.jsonl", "out.jsonl.sglrun.json"):
         (work / name).write_bytes((outcome.workdir / name).read_bytes())
     with FaultyServer(max_lifetime=120) as server:
         args = ["batch", "prog.py", "rows.jsonl", "-o", "out.jsonl", "--backend", "sglang",
@@ -205,16 +205,23 @@ def test_resume_retry_errors_reruns_only_the_failed_rows(outcome_of, tmp_path):
 
 
 def test_rows_of_a_failed_list_are_resent_alone(outcome_of):
-    """A list request that fails in a way retries do not cure (a read timeout, a body that is
-    not JSON) does not fail its rows: each is sent again alone, and most get through."""
+    """A list request that fails in a way retries do not cure (a body that is not JSON) does
+    not fail its rows: each is sent again alone, and most get through. A list that timed out
+    is not: a server that let the whole list hang would make each row wait the timeout again,
+    so its rows fail with the timeout, once."""
     outcome = outcome_of("list-faults")
     log = outcome.server_log
-    failed = [e for e in log if len(set(e.rows)) > 1 and e.outcome in ("hang", "bad_json")]
+    failed = [e for e in log if len(set(e.rows)) > 1 and e.outcome == "bad_json"]
     assert failed, "no list request met a fault"
     for entry in failed:
         alone_later = {e.rows[0] for e in log if e.seq > entry.seq and len(set(e.rows)) == 1}
         assert set(entry.rows) <= alone_later, f"rows of list {entry.seq} not resent alone"
-    in_failed_lists = {row for entry in failed for row in entry.rows}
+    hung = [e for e in log if len(set(e.rows)) > 1 and e.outcome == "hang"]
+    in_hung_lists = {row for entry in hung for row in entry.rows}
+    in_failed_lists = {row for entry in failed for row in entry.rows} - in_hung_lists
     errors = {str(record["id"]) for record in outcome.error_records}
     rescued = in_failed_lists - errors
     assert len(rescued) > len(in_failed_lists & errors), (len(rescued), len(errors))
+    for entry in hung:
+        again = [e for e in log if e.seq > entry.seq and set(e.rows) & set(entry.rows)]
+        assert not again, f"rows of the timed-out list {entry.seq} were sent again"
