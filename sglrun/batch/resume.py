@@ -241,8 +241,13 @@ def _drop_records(path: str, ids: set[str]) -> int:
             os.fsync(out.fileno())
         shutil.copymode(path, temp)
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(temp):
             os.unlink(temp)
+        if isinstance(exc, OSError):  # a full disk, say: the output is as it was
+            raise InputError(
+                f"{path}: cannot rewrite the output to run records again "
+                f"({exc.strerror or exc}); it is unchanged"
+            ) from None
         raise
     return removed

@@ -287,6 +287,12 @@ def _default_output(input_path: str) -> str:
 
 def _check_output(output: str, input_path: str) -> None:
     if output == "-":
+        try:
+            usable = sys.stdout is not None and os.fstat(sys.stdout.fileno()) is not None
+        except (OSError, ValueError, AttributeError):
+            usable = sys.stdout is not None and not hasattr(sys.stdout, "fileno")
+        if not usable:
+            raise InputError("stdout is closed: give the output a file with -o FILE")
         return
     if output.lower().endswith((".csv", ".tsv")):
         raise InputError(f"{output}: sglrun writes JSON Lines; name the output .jsonl (or -)")

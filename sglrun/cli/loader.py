@@ -311,6 +311,8 @@ def _new_backend(settings: Settings, name: str, insecure: bool) -> Backend:
         return LlamaCpp(model_path=settings.model, **extra)
     api_key = settings.api_key()  # read from the environment now, never printed
     verify = False if insecure else None
+    if insecure:  # once per run, not once per request
+        sys.stderr.write("sglrun: warning: --insecure: server certificates are not verified\n")
     several: str | list[str] | None = (urls if len(urls) > 1 else urls[0]) if urls else None
     if name == "sglang":
         from sglrun.backends.runtime_endpoint import RuntimeEndpoint

@@ -130,3 +130,22 @@ def test_prepare_resume_repairs_then_retries(tmp_path):
     state = prepare_resume(str(path), retry_errors=True)
     assert state.repaired and state.skip == {"1"}
     assert path.read_bytes() == line("1")
+
+
+def test_a_full_disk_while_dropping_records_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from sglrun.batch import resume
+
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"id": "0", "vars": {}, "error": {"type": "X", "message": "m"}}\n')
+    before = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume.os, "fsync", full)
+    with pytest.raises(InputError, match="No space left on device.*unchanged"):
+        prepare_resume(str(path), retry_errors=True)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary file left

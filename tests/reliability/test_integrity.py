@@ -910,3 +910,18 @@ def test_kills_edits_and_resumes_never_lose_or_mix_up_a_row(work, seed):
         final.returncode,
         f"{hits} kills mid-run",
     )
+
+
+def test_a_closed_stdout_is_a_clear_error(work):
+    write(work / "in.jsonl", rows_of(2))
+    done = subprocess.run(
+        [*sglrun_command(), "batch", "prog.py", "in.jsonl", "-o", "-", *FAKE],
+        cwd=work,
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(1),
+        timeout=60,
+    )
+    assert done.returncode == 2 and "stdout is closed" in done.stderr
+    assert "internal error" not in done.stderr

@@ -238,6 +238,8 @@ def test_insecure_connects(work, certificate):
         run = _tls_batch(work, server, "--insecure")
         assert key_reached_server(server)
     assert run.returncode == 0, run.describe()
+    warnings = [line for line in run.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "not verified" in warnings[0]  # once, not per request
     records = read_records(work / "out.jsonl")
     assert len(records) == 60 and all(record["error"] is None for record in records)
     no_leak(run, work / "out.jsonl")
