@@ -1,44 +1,17 @@
 """sglrun: run SGLang frontend programs on an embedded llama.cpp engine or any server.
 
-``import sglrun as sgl`` gives the names of ``sglang.lang``'s public API. Backends are loaded
-lazily, so importing sglrun is cheap and never starts an engine.
+``import sglrun as sgl`` gives the names of ``sglang.lang``'s public API. They are loaded on
+first use, so importing sglrun is cheap and never starts an engine. This module also wires the
+layers together: it registers the backends by name and the CLI's progress bar for
+``run_batch(progress_bar=True)``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sglrun.errors import SglrunError
-from sglrun.lang.api import (
-    assistant,
-    assistant_begin,
-    assistant_end,
-    flush_cache,
-    function,
-    gen,
-    gen_int,
-    gen_string,
-    get_server_info,
-    image,
-    select,
-    separate_reasoning,
-    set_default_backend,
-    system,
-    system_begin,
-    system_end,
-    user,
-    user_begin,
-    user_end,
-    video,
-)
-from sglrun.lang.choices import (
-    greedy_token_selection,
-    token_length_normalized,
-    unconditional_likelihood_normalized,
-)
 from sglrun.lang.global_config import global_config
-from sglrun.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
-from sglrun.lang.state import ProgramState, ProgramStateGroup
+from sglrun.lang.registry import BackendOptions, register_backend
 
 if TYPE_CHECKING:
     from sglrun.backends.anthropic import Anthropic
@@ -46,6 +19,36 @@ if TYPE_CHECKING:
     from sglrun.backends.llamacpp import LlamaCpp
     from sglrun.backends.openai import OpenAI
     from sglrun.backends.runtime_endpoint import RuntimeEndpoint
+    from sglrun.errors import SglrunError
+    from sglrun.lang.api import (
+        assistant,
+        assistant_begin,
+        assistant_end,
+        flush_cache,
+        function,
+        gen,
+        gen_int,
+        gen_string,
+        get_server_info,
+        image,
+        select,
+        separate_reasoning,
+        set_default_backend,
+        system,
+        system_begin,
+        system_end,
+        user,
+        user_begin,
+        user_end,
+        video,
+    )
+    from sglrun.lang.choices import (
+        greedy_token_selection,
+        token_length_normalized,
+        unconditional_likelihood_normalized,
+    )
+    from sglrun.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
+    from sglrun.lang.state import ProgramState, ProgramStateGroup
 
 __version__ = "0.1.0"
 
@@ -88,6 +91,46 @@ __all__ = [
     "video",
 ]
 
+def _backend(module: str, cls: str) -> Any:
+    """A registry factory that imports its backend only when one is built."""
+
+    def build(options: BackendOptions) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(f"sglrun.backends.{module}"), cls).from_options(
+            options
+        )
+
+    return build
+
+
+def _local_template(options: BackendOptions) -> Any:
+    """The embedded engine's chat template, from its model file's name (no engine started)."""
+    from sglrun.backends.model_path import resolve_model_path
+    from sglrun.lang.chat_template import get_chat_template_by_model_path
+
+    return get_chat_template_by_model_path(str(resolve_model_path(options.model)))
+
+
+register_backend(
+    "local", _backend("llamacpp", "LlamaCpp"), default=True, chat_template=_local_template,
+    description="embedded llama.cpp (xllamacpp), the default; --model FILE.gguf",
+)  # fmt: skip
+register_backend(
+    "sglang", _backend("runtime_endpoint", "RuntimeEndpoint"),
+    description="an SGLang server's native API; --url (repeatable)",
+)  # fmt: skip
+register_backend(
+    "openai", _backend("openai", "OpenAI"), needs_model=True,
+    description="an OpenAI-compatible server (OpenAI, vLLM, llama.cpp); --model, --url",
+)  # fmt: skip
+register_backend(
+    "anthropic", _backend("anthropic", "Anthropic"), needs_model=True,
+    description="Anthropic's Messages API; --model",
+)  # fmt: skip
+register_backend("fake", _backend("fake", "FakeBackend"), hidden=True, description="tests")
+
+
 def _batch_progress(total: int, description: str) -> Any:
     """``run_batch(progress_bar=True)`` draws with the CLI's display (Rich, loaded on use)."""
     from sglrun.cli.display import batch_progress
@@ -98,6 +141,19 @@ def _batch_progress(total: int, description: str) -> Any:
 global_config.batch_progress = _batch_progress
 
 _LAZY = {
+    **{name: "sglrun.lang.api" for name in (
+        "assistant", "assistant_begin", "assistant_end", "flush_cache", "function", "gen",
+        "gen_int", "gen_string", "get_server_info", "image", "select", "separate_reasoning",
+        "set_default_backend", "system", "system_begin", "system_end", "user", "user_begin",
+        "user_end", "video",
+    )},
+    **{name: "sglrun.lang.choices" for name in (
+        "greedy_token_selection", "token_length_normalized", "unconditional_likelihood_normalized",
+    )},
+    **{name: "sglrun.lang.ir" for name in ("REGEX_BOOL", "REGEX_FLOAT", "REGEX_INT", "REGEX_STR")},
+    "ProgramState": "sglrun.lang.state",
+    "ProgramStateGroup": "sglrun.lang.state",
+    "SglrunError": "sglrun.errors",
     "Anthropic": "sglrun.backends.anthropic",
     "FakeBackend": "sglrun.backends.fake",
     "LlamaCpp": "sglrun.backends.llamacpp",
@@ -107,7 +163,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Backends import on first use, keeping ``import sglrun`` fast."""
+    """Every public name imports on first use: ``import sglrun`` (and ``sglrun --help``)
+    loads almost nothing."""
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'sglrun' has no attribute {name!r}")

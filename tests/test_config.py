@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sglrun.config import Settings, load_settings
+from sglrun.cli.config import Settings, load_settings
 from sglrun.errors import ConfigError, InvalidArgumentError
 
 SECRET = "sk-test-SECRET123"

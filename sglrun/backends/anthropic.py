@@ -12,21 +12,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sglrun.backends.base import (
+from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
+from sglrun.backends.openai import TokenUsage
+from sglrun.backends.openai_constraints import match_choice
+from sglrun.errors import InvalidArgumentError, TransportError, UnsupportedCapabilityError
+from sglrun.lang.backend import (
     Backend,
     ChunkCallback,
     GenerateRequest,
     GenerateResult,
     SelectRequest,
 )
-from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
-from sglrun.backends.openai import TokenUsage
-from sglrun.backends.openai_constraints import match_choice
-from sglrun.errors import InvalidArgumentError, TransportError, UnsupportedCapabilityError
 from sglrun.lang.choices import ChoicesDecision
 from sglrun.lang.ir import SamplingParams
+
+if TYPE_CHECKING:
+    from sglrun.lang.registry import BackendOptions
 
 __all__ = ["Anthropic"]
 
@@ -69,6 +72,20 @@ class Anthropic(Backend):
         )
         self.token_usage = TokenUsage()
         self._warned: set[str] = set()
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Anthropic:
+        """``--backend anthropic --model NAME``; the key from the configured variable."""
+        extra: dict[str, Any] = {}
+        if options.timeout is not None:
+            extra["timeout"] = options.timeout
+        if options.retries is not None:
+            extra["retries"] = options.retries
+        urls = list(options.urls)
+        if urls:
+            extra["base_url"] = urls if len(urls) > 1 else urls[0]
+        assert options.model is not None  # the registry entry says needs_model
+        return cls(options.model, api_key=options.api_key, verify=options.verify, **extra)
 
     def __repr__(self) -> str:
         return f"Anthropic({self.model_name!r}, {self.transport.pool.urls!r})"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sglrun.backends.base import (
+from sglrun.lang.backend import (
     Backend,
     ChunkCallback,
     GenerateRequest,
@@ -20,6 +20,9 @@ from sglrun.backends.base import (
 )
 from sglrun.lang.chat_template import ChatTemplate, get_chat_template
 from sglrun.lang.choices import ChoicesDecision, decide
+
+if TYPE_CHECKING:
+    from sglrun.lang.registry import BackendOptions
 
 __all__ = ["FakeBackend"]
 
@@ -63,6 +66,30 @@ class FakeBackend(Backend):
         self._lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> FakeBackend:
+        """``--backend fake`` (tests): replies from ``SGLRUN_FAKE_REPLIES`` (a JSON list,
+        cycled; an item ``{"error": "..."}`` fails that call), ``SGLRUN_FAKE_DELAY`` seconds
+        per call."""
+        import json
+        import os
+
+        from sglrun.errors import BackendError, InputError
+
+        text = os.environ.get("SGLRUN_FAKE_REPLIES", '["ok"]')
+        try:
+            items = json.loads(text)
+            delay = float(os.environ.get("SGLRUN_FAKE_DELAY", "0") or 0)
+        except ValueError as exc:
+            raise InputError(f"SGLRUN_FAKE_REPLIES / SGLRUN_FAKE_DELAY: {exc}") from None
+        if not isinstance(items, list) or not items:
+            raise InputError("SGLRUN_FAKE_REPLIES must be a non-empty JSON list")
+        replies: list[Any] = [
+            BackendError(str(item["error"])) if isinstance(item, dict) else str(item)
+            for item in items
+        ]
+        return cls(replies, cycle=True, delay=delay)
 
     def get_chat_template(self) -> ChatTemplate:
         return self.template

@@ -45,14 +45,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sglrun.backends.base import (
-    Backend,
-    ChunkCallback,
-    GenerateRequest,
-    GenerateResult,
-    ImageData,
-    SelectRequest,
-)
 from sglrun.backends.grammar import (
     LLGUIDANCE_PREFIX,
     PROBE_MARK,
@@ -79,11 +71,20 @@ from sglrun.errors import (
     ServerError,
     UnsupportedCapabilityError,
 )
+from sglrun.lang.backend import (
+    Backend,
+    ChunkCallback,
+    GenerateRequest,
+    GenerateResult,
+    ImageData,
+    SelectRequest,
+)
 from sglrun.lang.choices import ChoicesDecision, decide
 from sglrun.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SamplingParams
 
 if TYPE_CHECKING:
     from sglrun.lang.chat_template import ChatTemplate
+    from sglrun.lang.registry import BackendOptions
 
 __all__ = ["CTX_PER_SLOT", "DEFAULT_SLOTS", "LlamaCpp", "default_threads"]
 
@@ -606,6 +607,16 @@ class LlamaCpp(ForcedScoring, Backend):
             "n_threads": self.n_threads,
             "running": bool(self._holder),
         }
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> LlamaCpp:
+        """``--backend local``: the GGUF of ``--model`` (else the default model)."""
+        return cls(
+            model_path=options.model,
+            n_parallel=options.slots or DEFAULT_SLOTS,
+            n_ctx=options.ctx_size,
+            n_threads=options.engine_threads,
+        )
 
     def concurrency_hint(self) -> int:
         """Two programs per slot: while one waits between its calls, the other's request is

@@ -26,17 +26,10 @@ import logging
 import os
 import threading
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sglrun.backends.base import (
-    Backend,
-    ChunkCallback,
-    GenerateRequest,
-    GenerateResult,
-    SelectRequest,
-)
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.backends.openai_constraints import (
     PrefillStripper,
@@ -54,9 +47,19 @@ from sglrun.errors import (
     TransportError,
     UnsupportedCapabilityError,
 )
+from sglrun.lang.backend import (
+    Backend,
+    ChunkCallback,
+    GenerateRequest,
+    GenerateResult,
+    SelectRequest,
+)
 from sglrun.lang.choices import ChoicesDecision, decide
 from sglrun.lang.hub import map_concurrently, run_blocking
 from sglrun.lang.ir import SamplingParams
+
+if TYPE_CHECKING:
+    from sglrun.lang.registry import BackendOptions
 
 __all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]
 
@@ -161,6 +164,20 @@ class OpenAI(Backend):
         self._slots: int | None = None  # a llama.cpp server's slots, from /props
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> OpenAI:
+        """``--backend openai --model NAME``, at ``--url`` (else $OPENAI_BASE_URL or OpenAI)."""
+        extra: dict[str, Any] = {}
+        if options.timeout is not None:
+            extra["timeout"] = options.timeout
+        if options.retries is not None:
+            extra["retries"] = options.retries
+        urls = list(options.urls)
+        base_url = (urls if len(urls) > 1 else urls[0]) if urls else None
+        assert options.model is not None  # the registry entry says needs_model
+        return cls(options.model, base_url=base_url, api_key=options.api_key,
+                   verify=options.verify, **extra)  # fmt: skip
 
     def __repr__(self) -> str:
         mode = "chat" if self.is_chat_model else "completion"

@@ -13,9 +13,13 @@ import operator
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sglrun.backends.base import (
+from sglrun.backends.coalesce import Coalescer
+from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
+from sglrun.backends.openai_constraints import apply_dtype
+from sglrun.errors import InvalidArgumentError, ServerError, TransportError
+from sglrun.lang.backend import (
     Backend,
     ChunkCallback,
     GenerateRequest,
@@ -23,16 +27,16 @@ from sglrun.backends.base import (
     ImageData,
     SelectRequest,
 )
-from sglrun.backends.coalesce import Coalescer
-from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
-from sglrun.backends.openai_constraints import apply_dtype
-from sglrun.errors import InvalidArgumentError, ServerError, TransportError
 from sglrun.lang.choices import ChoicesDecision, decide
 from sglrun.lang.ir import SAMPLING_FIELDS, SamplingParams
+
+if TYPE_CHECKING:
+    from sglrun.lang.registry import BackendOptions
 
 __all__ = ["RuntimeEndpoint"]
 
 MAX_HINT = 1024  # programs in flight, at most, whatever a server advertises
+DEFAULT_URL = "http://127.0.0.1:30000"  # where sglang.launch_server listens by default
 
 # Fields sent at the top level of the request.
 _TOP_LEVEL_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
@@ -102,6 +106,23 @@ class RuntimeEndpoint(Backend):
             )
             if coalesce
             else None
+        )
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> RuntimeEndpoint:
+        """``--backend sglang``: the servers of ``--url`` (else SGLang's default address)."""
+        extra: dict[str, Any] = {}
+        if options.timeout is not None:
+            extra["timeout"] = options.timeout
+        if options.retries is not None:
+            extra["retries"] = options.retries
+        urls = list(options.urls) or [DEFAULT_URL]
+        return cls(
+            urls if len(urls) > 1 else urls[0],
+            api_key=options.api_key,
+            verify=options.verify,
+            coalesce=options.coalesce,
+            **extra,
         )
 
     def __repr__(self) -> str:

@@ -32,7 +32,7 @@ from sglrun.lang.runtime import execute, new_state
 from sglrun.lang.scheduler import Feed, Finished, Scheduler
 
 if TYPE_CHECKING:
-    from sglrun.backends.base import Backend
+    from sglrun.lang.backend import Backend
     from sglrun.lang.function import SglFunction
     from sglrun.lang.ir import SamplingParams
     from sglrun.lang.state import ProgramState

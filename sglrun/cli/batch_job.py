@@ -28,7 +28,7 @@ from sglrun.cli.app import (
 
 if TYPE_CHECKING:
     from sglrun.cli.app import _Shared
-    from sglrun.config import Settings
+    from sglrun.cli.config import Settings
     from sglrun.lang.function import SglFunction
 
 __all__ = ["BatchJob"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from sglrun.batch.runner import BatchStats
-    from sglrun.config import Settings
+    from sglrun.cli.config import Settings
     from sglrun.lang.state import ProgramState
 
 __all__ = [

@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any
 from sglrun.errors import InputError
 
 if TYPE_CHECKING:
-    from sglrun.backends.base import Backend
-    from sglrun.config import Settings
+    from sglrun.cli.config import Settings
+    from sglrun.lang.backend import Backend
     from sglrun.lang.function import SglFunction
+    from sglrun.lang.registry import BackendOptions
 
 __all__ = [
     "ProgramLoadError",
     "auto_threads",
+    "backend_options",
     "build_backend",
     "check_mapping",
     "describe_program",
@@ -251,109 +253,55 @@ def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- settings, backend
 
-SGLANG_URL = "http://127.0.0.1:30000"  # where sglang.launch_server listens by default
-
-
 def resolve_settings(
     flags: dict[str, Any], *, config_file: str | None, profile: str | None
 ) -> tuple[Settings, str]:
-    """Flags > env > project file > user file; ``backend="fake"`` (tests only) bypasses the
-    backend check and is returned as the backend name."""
-    from sglrun.config import load_settings
+    """Flags > env > project file > user file; returns the settings and the backend name."""
+    from sglrun.cli.config import load_settings
 
-    fake = str(flags.get("backend") or "").lower() == "fake"
-    if fake:
-        flags = {**flags, "backend": None}
     settings = load_settings(flags=flags, config_file=config_file, profile=profile)
-    return settings, "fake" if fake else settings.backend
+    return settings, settings.backend
 
 
-def _fake_backend() -> Backend:
-    """Scripted replies for tests: ``SGLRUN_FAKE_REPLIES`` (a JSON list, cycled; an item
-    ``{"error": "..."}`` fails that call) and ``SGLRUN_FAKE_DELAY`` (seconds per call)."""
-    import json
+def backend_options(settings: Settings, *, insecure: bool = False) -> BackendOptions:
+    """What the settings say about a backend, in the registry's terms. The API key is read
+    from the environment now, for the backend only, and never printed."""
+    from sglrun.lang.registry import BackendOptions
 
-    from sglrun.backends.fake import FakeBackend
-    from sglrun.errors import BackendError
-
-    text = os.environ.get("SGLRUN_FAKE_REPLIES", '["ok"]')
-    try:
-        items = json.loads(text)
-        delay = float(os.environ.get("SGLRUN_FAKE_DELAY", "0") or 0)
-    except ValueError as exc:
-        raise InputError(f"SGLRUN_FAKE_REPLIES / SGLRUN_FAKE_DELAY: {exc}") from None
-    if not isinstance(items, list) or not items:
-        raise InputError("SGLRUN_FAKE_REPLIES must be a non-empty JSON list")
-    replies: list[Any] = [
-        BackendError(str(item["error"])) if isinstance(item, dict) else str(item) for item in items
-    ]
-    return FakeBackend(replies, cycle=True, delay=delay)
+    return BackendOptions(
+        model=settings.model,
+        urls=tuple(settings.url or ()),
+        api_key=settings.api_key(),
+        timeout=settings.timeout,
+        retries=settings.retries,
+        verify=False if insecure else None,
+        coalesce=settings.coalesce,
+    )
 
 
 def build_backend(settings: Settings, name: str, *, insecure: bool = False) -> Backend:
-    """The backend the settings name, imported only now (the local one loads a model)."""
-    try:
-        return _new_backend(settings, name, insecure)
-    except ImportError as exc:
-        raise InputError(f"the {name} backend is not available: {exc}") from None
+    """The backend the settings name, by the registry (imported only now: the local one
+    loads a model)."""
+    from sglrun.lang.registry import backend_entry
 
-
-def _new_backend(settings: Settings, name: str, insecure: bool) -> Backend:
-    if name == "fake":
-        return _fake_backend()
-    urls = list(settings.url or [])
-    if name == "local":
-        from sglrun.backends.llamacpp import LlamaCpp
-
-        extra: dict[str, Any] = {}
-        if isinstance(settings.num_threads, int):
-            extra["n_parallel"] = settings.num_threads
-        return LlamaCpp(model_path=settings.model, **extra)
-    api_key = settings.api_key()  # read from the environment now, never printed
-    verify = False if insecure else None
-    if insecure:  # once per run, not once per request
-        sys.stderr.write("sglrun: warning: --insecure: server certificates are not verified\n")
-    several: str | list[str] | None = (urls if len(urls) > 1 else urls[0]) if urls else None
-    if name == "sglang":
-        from sglrun.backends.runtime_endpoint import RuntimeEndpoint
-
-        return RuntimeEndpoint(
-            several or SGLANG_URL,
-            api_key=api_key,
-            verify=verify,
-            timeout=settings.timeout,
-            retries=settings.retries,
-            coalesce=settings.coalesce,
-        )
-    if not settings.model:
+    entry = backend_entry(name)
+    if entry.needs_model and not settings.model:
         raise InputError(f"the {name} backend needs a model name: pass --model NAME")
-    if name == "openai":
-        from sglrun.backends.openai import OpenAI
-
-        return OpenAI(
-            settings.model,
-            base_url=several,
-            api_key=api_key,
-            timeout=settings.timeout,
-            retries=settings.retries,
-            verify=verify,
-        )
-    from sglrun.backends.anthropic import Anthropic
-
-    if api_key is None:
+    if name == "anthropic" and settings.api_key() is None:
         raise InputError(
             f"the anthropic backend needs an API key: set {settings.api_key_env} "
             "(or name another variable with --api-key-env)"
         )
-    where: dict[str, Any] = {"base_url": several} if several else {}
-    return Anthropic(
-        settings.model,
-        api_key=api_key,
-        timeout=settings.timeout,
-        retries=settings.retries,
-        verify=verify,
-        **where,
-    )
+    try:
+        backend = entry.factory(backend_options(settings, insecure=insecure))
+    except ImportError as exc:
+        raise InputError(f"the {name} backend is not available: {exc}") from None
+    pool = getattr(getattr(backend, "transport", None), "pool", None)
+    urls = list(getattr(pool, "urls", []))
+    if insecure and any(str(url).startswith("https://") for url in urls):
+        # Once per run, not once per request.
+        sys.stderr.write("sglrun: warning: --insecure: server certificates are not verified\n")
+    return backend
 
 
 def auto_threads(settings: Settings, name: str, backend: Backend) -> int:

@@ -68,7 +68,7 @@ def function(
 
 
 def set_default_backend(backend: Any) -> None:
-    from sglrun.backends.base import Backend
+    from sglrun.lang.backend import Backend
 
     backend = getattr(backend, "endpoint", backend)
     if not isinstance(backend, Backend):

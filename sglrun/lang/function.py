@@ -10,7 +10,7 @@ from sglrun.errors import InvalidArgumentError
 from sglrun.lang.ir import SamplingParams
 
 if TYPE_CHECKING:
-    from sglrun.backends.base import Backend
+    from sglrun.lang.backend import Backend
     from sglrun.lang.state import ProgramState
 
 __all__ = ["SglFunction", "check_sampling"]
@@ -241,14 +241,14 @@ class SglFunction:
     def trace(self, *, backend: Backend | None = None, **kwargs: Any) -> ProgramState:
         """Run the program without a model: every gen yields a placeholder and every select
         its first choice. Shows the prompt a row produces (``sglrun inspect``)."""
-        from sglrun.lang.runtime import dry_run
+        from sglrun.lang.tracing import dry_run
 
         return dry_run(self, kwargs)
 
     def cache(self, backend: Backend | None = None) -> str:
         """Send the prompt prefix every run shares to the backend's cache; returns it."""
         from sglrun.lang.global_config import global_config
-        from sglrun.lang.runtime import shared_prefix
+        from sglrun.lang.tracing import shared_prefix
 
         prefix = shared_prefix(self)
         if prefix:

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from sglrun.errors import BackendError
+
 if TYPE_CHECKING:
-    from sglrun.backends.base import Backend
+    from sglrun.lang.backend import Backend
 
 ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[Any], None]]]
 
@@ -28,16 +30,22 @@ class GlobalConfig:
         self._lock = threading.Lock()
 
     def resolve_backend(self, backend: Backend | None) -> Backend:
-        """The given backend, else the default one; with none set, the embedded engine on the
-        default model is started once (SGLang would fail here instead)."""
+        """The given backend, else the default one; with none set, the registered default
+        backend (the embedded engine on the default model) is started once (SGLang would fail
+        here instead)."""
         if backend is not None:
             return getattr(backend, "endpoint", backend)
         if self.default_backend is None:
             with self._lock:
                 if self.default_backend is None:
-                    from sglrun.backends.llamacpp import LlamaCpp
+                    from sglrun.lang.registry import BackendOptions, default_backend_entry
 
-                    self.default_backend = LlamaCpp()
+                    entry = default_backend_entry()
+                    if entry is None:
+                        raise BackendError(
+                            "no backend set: call sgl.set_default_backend(...) or pass backend="
+                        )
+                    self.default_backend = entry.factory(BackendOptions())
         return self.default_backend
 
 

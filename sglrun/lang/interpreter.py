@@ -19,7 +19,6 @@ from typing import Any
 
 import greenlet
 
-from sglrun.backends.base import Backend, GenerateRequest, ImageData, SelectRequest
 from sglrun.errors import (
     InvalidArgumentError,
     ProgramError,
@@ -27,6 +26,7 @@ from sglrun.errors import (
     UnsupportedNodeError,
     VariableNotProducedError,
 )
+from sglrun.lang.backend import Backend, GenerateRequest, ImageData, SelectRequest
 from sglrun.lang.chat_template import ChatTemplate
 from sglrun.lang.hub import Task, current_hub, current_task, run_blocking
 from sglrun.lang.ir import (

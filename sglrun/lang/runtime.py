@@ -19,13 +19,12 @@ from sglrun.lang.state import ProgramState
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sglrun.backends.base import Backend
+    from sglrun.lang.backend import Backend
     from sglrun.lang.chat_template import ChatTemplate
     from sglrun.lang.function import SglFunction
 
-__all__ = ["dry_run", "execute", "new_state", "run_program", "run_program_batch", "shared_prefix"]
+__all__ = ["execute", "new_state", "run_program", "run_program_batch"]
 
-PLACEHOLDER = "{{{name}}}"
 REORDER_WINDOW = 4096  # generator-style run_batch: finished states held to keep the order
 
 
@@ -123,6 +122,8 @@ def run_program_batch(
     if not rows:
         return iter(()) if generator_style else []
     if global_config.enable_precache_with_tracing and len(rows) > 1:
+        from sglrun.lang.tracing import shared_prefix
+
         prefix = shared_prefix(function, rows[:2], backend.get_chat_template())
         if len(prefix) > 64:
             backend.cache_prefix(prefix)
@@ -166,65 +167,3 @@ def _run_rows(
         finished.close()
         if bar is not None:
             bar.__exit__(None, None, None)
-
-
-def _template_for_dry_run() -> ChatTemplate:
-    from sglrun.lang.chat_template import get_chat_template, get_chat_template_by_model_path
-
-    if global_config.default_backend is not None:
-        return global_config.default_backend.get_chat_template()
-    try:
-        from sglrun.backends.model_path import resolve_model_path
-
-        return get_chat_template_by_model_path(str(resolve_model_path()))
-    except Exception:
-        return get_chat_template("default")
-
-
-def dry_run(
-    function: SglFunction,
-    arguments: dict[str, Any],
-    chat_template: ChatTemplate | None = None,
-) -> ProgramState:
-    """Run without a model: gens produce ``{name}`` placeholders, selects their first choice.
-    Missing arguments become ``{param}`` placeholders too."""
-    from sglrun.backends.fake import FakeBackend
-
-    template = chat_template or _template_for_dry_run()
-    backend = FakeBackend(placeholders=True, chat_template=template)
-    filled = {}
-    for param in function.arg_params:
-        if param.name in arguments:
-            filled[param.name] = arguments[param.name]
-        elif param.default is not param.empty:
-            filled[param.name] = param.default
-        elif param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            filled[param.name] = PLACEHOLDER.format(name=param.name)
-    state = new_state(function, backend, filled, SamplingParams.defaults(), chat_template=template)
-    execute(function, state, filled)
-    return state
-
-
-def shared_prefix(
-    function: SglFunction,
-    rows: list[dict[str, Any]] | None = None,
-    chat_template: ChatTemplate | None = None,
-) -> str:
-    """The prompt text every run starts with: what precedes the first argument-dependent text
-    or generation, found by two dry runs."""
-    if rows:
-        samples = rows[:2]
-    else:  # distinct markers per run: the texts part where the first argument appears
-        samples = [{p.name: f"\x00{i}{p.name}" for p in function.arg_params} for i in (0, 1)]
-    texts = []
-    for row in samples:
-        text = dry_run(function, row, chat_template).text()
-        cut = text.find("{")  # a gen's dry-run placeholder: nothing after it is shared
-        texts.append(text if cut < 0 else text[:cut])
-    first, second = texts[0], texts[-1]
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return first[:length].split("\x00")[0]

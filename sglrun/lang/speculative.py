@@ -67,7 +67,7 @@ def match_template(terms: list[SpecTerm], completion: str) -> dict[int, str] | N
 def fill_turn(executor: Any, terms: list[SpecTerm]) -> None:
     """Generate the whole assistant turn once (retrying a few times when it does not fit the
     template), then write its text and variables into ``executor``."""
-    from sglrun.backends.base import GenerateRequest
+    from sglrun.lang.backend import GenerateRequest
     from sglrun.lang.ir import SamplingParams
 
     gens = [term for term in terms if term.is_gen]

@@ -8,8 +8,8 @@ import os
 import re
 from typing import Any
 
-from sglrun.backends.base import ImageData
 from sglrun.errors import InvalidArgumentError, ProgramError
+from sglrun.lang.backend import ImageData
 
 __all__ = ["load_image", "parse_dtype", "split_reasoning"]
 

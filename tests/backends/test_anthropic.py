@@ -8,8 +8,8 @@ import pytest
 from anthropic_stub import PREFILL_REPLY, AnthropicStub, error_body
 
 from sglrun.backends.anthropic import Anthropic
-from sglrun.backends.base import GenerateRequest, ImageData, SelectRequest
 from sglrun.errors import InvalidArgumentError, ServerError, UnsupportedCapabilityError
+from sglrun.lang.backend import GenerateRequest, ImageData, SelectRequest
 from sglrun.lang.choices import token_length_normalized
 from sglrun.lang.ir import SamplingParams
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from sglrun.backends.base import GenerateRequest, ImageData, SelectRequest
 from sglrun.backends.grammar import regex_to_gbnf
 from sglrun.backends.llamacpp_support import StopWatcher
 from sglrun.backends.model_path import (
@@ -28,6 +27,7 @@ from sglrun.errors import (
     ModelNotFoundError,
     UnsupportedCapabilityError,
 )
+from sglrun.lang.backend import GenerateRequest, ImageData, SelectRequest
 from sglrun.lang.choices import (
     greedy_token_selection,
     token_length_normalized,

@@ -11,10 +11,10 @@ import threading
 import pytest
 from sglang_stub import StubServer, fake_logprob, tokenize
 
-from sglrun.backends.base import GenerateRequest, ImageData, SelectRequest
 from sglrun.backends.openai import OpenAI, guess_is_chat_model
 from sglrun.backends.openai_constraints import _own_regex_to_gbnf, choices_gbnf, match_choice
 from sglrun.errors import InvalidArgumentError, ServerError, UnsupportedCapabilityError
+from sglrun.lang.backend import GenerateRequest, ImageData, SelectRequest
 from sglrun.lang.choices import token_length_normalized, unconditional_likelihood_normalized
 from sglrun.lang.ir import REGEX_FLOAT, REGEX_INT, SamplingParams
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sglang_stub import CONTINUATION, SGLangStub, fake_logprob, free_port, tokenize
 
-from sglrun.backends.base import GenerateRequest, ImageData, SelectRequest
 from sglrun.backends.runtime_endpoint import RuntimeEndpoint
 from sglrun.errors import ServerError, TransportError
+from sglrun.lang.backend import GenerateRequest, ImageData, SelectRequest
 from sglrun.lang.choices import (
     greedy_token_selection,
     token_length_normalized,
@@ -343,8 +343,8 @@ def test_a_slow_server_gets_every_request_alone(stub, backend):
 
 
 def test_the_coalesce_setting_reaches_the_cli_backend(stub):
+    from sglrun.cli.config import Settings
     from sglrun.cli.loader import build_backend
-    from sglrun.config import Settings
 
     assert build_backend(Settings(url=[stub.url]), "sglang").coalescer is not None
     assert build_backend(Settings(url=[stub.url], coalesce=False), "sglang").coalescer is None

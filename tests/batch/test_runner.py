@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 
 import sglrun as sgl
-from sglrun.backends.base import GenerateResult
 from sglrun.backends.fake import FakeBackend
 from sglrun.batch.readers import Row
 from sglrun.batch.runner import count_tokens, error_info, run_batch_file
@@ -22,6 +21,7 @@ from sglrun.errors import (
     TransportError,
     VariableNotProducedError,
 )
+from sglrun.lang.backend import GenerateResult
 from sglrun.lang.ir import SamplingParams
 
 

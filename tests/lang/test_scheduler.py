@@ -10,10 +10,10 @@ import time
 import pytest
 
 import sglrun as sgl
-from sglrun.backends.base import Backend, GenerateResult
 from sglrun.backends.fake import FakeBackend
 from sglrun.batch.readers import Row
 from sglrun.batch.runner import run_batch_file
+from sglrun.lang.backend import Backend, GenerateResult
 from sglrun.lang.ir import SamplingParams
 from sglrun.lang.scheduler import DEFAULT_CONCURRENCY, Scheduler, auto_concurrency
 

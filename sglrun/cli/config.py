@@ -22,9 +22,7 @@ import yaml
 
 from sglrun.errors import ConfigError, InvalidArgumentError
 
-__all__ = ["BACKENDS", "KEYS", "Settings", "load_settings"]
-
-BACKENDS = ("local", "sglang", "openai", "anthropic")
+__all__ = ["KEYS", "Settings", "load_settings"]
 KEYS = (
     "backend",
     "url",
@@ -134,9 +132,12 @@ def _string_list(value: Any) -> list[str]:
 
 
 def _backend(value: Any) -> str:
+    """A registered backend's name (``sglrun.lang.registry``)."""
+    from sglrun.lang.registry import backend_names
+
     value = value.lower() if isinstance(value, str) else value
-    if value not in BACKENDS:
-        raise _Bad("one of " + ", ".join(BACKENDS))
+    if value not in backend_names(hidden=True):
+        raise _Bad("one of " + ", ".join(backend_names()))
     return value
 
 
@@ -315,7 +316,7 @@ def _files(config_file: str | None, cwd: Path, user_dir: Path | None) -> list[_F
             raise ConfigError(f"{path}: configuration file not found")
         return [_load_file(path, "config file")]
     if user_dir is None:
-        import typer  # only this lookup needs it; keeps `import sglrun.config` light
+        import typer  # only this lookup needs it; keeps `import sglrun.cli.config` light
 
         user_dir = Path(typer.get_app_dir("sglrun"))
     found = [(user_dir / USER_FILE, "user file"), (cwd / PROJECT_FILE, "project file")]

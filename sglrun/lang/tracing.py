@@ -1,0 +1,107 @@
+"""Running a program without a model: ``trace()``, ``sglrun inspect`` and shared prefixes.
+
+A dry run drives the real interpreter against ``PlaceholderBackend``: every ``gen`` yields
+``{name}`` and every ``select`` its first choice, so the prompt a row would produce can be
+shown (and the text all rows share found) without an engine, a server or a request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sglrun.lang.backend import Backend, GenerateRequest, GenerateResult, SelectRequest
+from sglrun.lang.chat_template import ChatTemplate, get_chat_template
+from sglrun.lang.choices import ChoicesDecision
+from sglrun.lang.global_config import global_config
+from sglrun.lang.ir import SamplingParams
+from sglrun.lang.registry import BackendOptions, default_backend_entry
+from sglrun.lang.runtime import execute, new_state
+
+if TYPE_CHECKING:
+    from sglrun.lang.function import SglFunction
+    from sglrun.lang.state import ProgramState
+
+__all__ = ["PlaceholderBackend", "dry_run", "shared_prefix"]
+
+PLACEHOLDER = "{{{name}}}"
+
+
+class PlaceholderBackend(Backend):
+    """Answers without a model: ``{name}`` for a gen, the first choice for a select."""
+
+    name = "dry run"
+    cooperative = True
+
+    def __init__(self, chat_template: ChatTemplate) -> None:
+        self.template = chat_template
+
+    def get_chat_template(self) -> ChatTemplate:
+        return self.template
+
+    def generate(self, request: GenerateRequest, on_chunk: Any = None) -> GenerateResult:
+        text = PLACEHOLDER.format(name=request.name or "gen")
+        count = request.params.n or 1
+        return GenerateResult(text if count == 1 else [text] * count, {"dry_run": True})
+
+    def select(self, request: SelectRequest) -> ChoicesDecision:
+        return ChoicesDecision(request.choices[0], {"dry_run": True})
+
+
+def _template_for_dry_run() -> ChatTemplate:
+    """The template the default backend would use, without starting it."""
+    if global_config.default_backend is not None:
+        return global_config.default_backend.get_chat_template()
+    entry = default_backend_entry()
+    if entry is not None and entry.chat_template is not None:
+        try:
+            return entry.chat_template(BackendOptions())
+        except Exception:  # no model installed, say: a dry run still shows the prompt
+            pass
+    return get_chat_template("default")
+
+
+def dry_run(
+    function: SglFunction,
+    arguments: dict[str, Any],
+    chat_template: ChatTemplate | None = None,
+) -> ProgramState:
+    """Run without a model: gens produce ``{name}`` placeholders, selects their first choice.
+    Missing arguments become ``{param}`` placeholders too."""
+    template = chat_template or _template_for_dry_run()
+    backend = PlaceholderBackend(template)
+    filled = {}
+    for param in function.arg_params:
+        if param.name in arguments:
+            filled[param.name] = arguments[param.name]
+        elif param.default is not param.empty:
+            filled[param.name] = param.default
+        elif param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            filled[param.name] = PLACEHOLDER.format(name=param.name)
+    state = new_state(function, backend, filled, SamplingParams.defaults(), chat_template=template)
+    execute(function, state, filled)
+    return state
+
+
+def shared_prefix(
+    function: SglFunction,
+    rows: list[dict[str, Any]] | None = None,
+    chat_template: ChatTemplate | None = None,
+) -> str:
+    """The prompt text every run starts with: what precedes the first argument-dependent text
+    or generation, found by two dry runs."""
+    if rows:
+        samples = rows[:2]
+    else:  # distinct markers per run: the texts part where the first argument appears
+        samples = [{p.name: f"\x00{i}{p.name}" for p in function.arg_params} for i in (0, 1)]
+    texts = []
+    for row in samples:
+        text = dry_run(function, row, chat_template).text()
+        cut = text.find("{")  # a gen's dry-run placeholder: nothing after it is shared
+        texts.append(text if cut < 0 else text[:cut])
+    first, second = texts[0], texts[-1]
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return first[:length].split("\x00")[0]
