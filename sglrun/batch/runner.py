@@ -257,24 +257,19 @@ class _Batch:
             row_input = data if wants_input else None
             record = make_record(row.id, {}, error_info(exc), row=row_input, digest=row.digest)
             return record, 0
-        state = new_state(
-            self.program,
-            self.backend,
-            arguments,
-            self.defaults,
-            stream=self.stream_panel is not None,
-        )
         panel = self.stream_panel
+        # With the live panel, gens stream chunk by chunk into the state's text (what the
+        # panel polls); nobody reads the state from another thread, so nobody waits on it.
+        state = new_state(
+            self.program, self.backend, arguments, self.defaults,
+            stream=panel is not None, readers_wait=False,
+        )  # fmt: skip
         if panel is not None:
-            # Gens still stream chunk by chunk into executor.text_ (what the panel polls), but
-            # nobody waits on this state from another thread, so it needs no "still running"
-            # mark: with it, a program reading a variable it never produced would wait forever.
-            state.executor.finished = True
             panel.track(job.position, row.id, state)
         try:
             execute(self.program, state, arguments)
             error = state.error()
-            meta = dict(state.executor.meta_info)
+            meta = state.meta_infos()
             record = make_record(
                 row.id,
                 state.variables(),

@@ -164,7 +164,7 @@ class StreamPanel:
     """The text of the rows in flight, read from each state a few times per second.
 
     Workers ``track``/``untrack`` states; Rich calls ``__rich__`` on every refresh, which is
-    when the text is polled (reading ``executor.text_`` needs no lock: it is one str).
+    when the text is polled (``state.text_so_far()`` never waits).
     """
 
     def __init__(self, rows: int = _PANEL_ROWS) -> None:
@@ -191,7 +191,7 @@ class StreamPanel:
         table.add_column(style="bold cyan", no_wrap=True, max_width=16)
         table.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
         for _, (label, state) in shown:
-            text = " ".join(state.executor.text_[-400:].split())
+            text = " ".join(state.text_so_far()[-400:].split())
             table.add_row(label, Text(text[-200:]))
         if not shown:
             table.add_row("", Text("waiting for rows...", style="dim"))

@@ -1,19 +1,18 @@
-"""The interpreter: executes expressions against one program state's text, roles and variables.
+"""The interpreter: the language's rules, one per IR node, applied to one program state.
 
-One ``visit_<kind>`` method per IR node kind. Every program runs as a task of a hub
+``Executor`` keeps a state's data in a ``Frame`` and its waiting in a ``StateSync``; what it
+adds is the rules (``RULES``: an explicit table from IR class to method, next to the IR, so
+"find usages" of a node reaches its rule). Every program runs as a task of a hub
 (``sglrun.lang.hub``): the root state executes each expression at once in the program's own
-task, and forked states queue their expressions and drain them as tasks of the same hub, so
-forks generate concurrently and a fork never outlives its program (``end`` waits for them; a
-failure or a cancellation cancels them). A failure is recorded, later expressions are skipped,
-and readers of missing variables get an error that names the variable and the cause instead
-of waiting forever.
+task; a forked state queues its expressions and drains them as a task of the same hub, so
+forks generate concurrently, and a fork never outlives its program (``end`` waits for them; a
+failure or a cancellation cancels them). A failure is recorded, later expressions are
+skipped, and readers of missing variables get an error that names the variable and the cause.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,13 +23,14 @@ from sglrun.errors import (
     ProgramError,
     UnsupportedCapabilityError,
     UnsupportedNodeError,
-    VariableNotProducedError,
 )
-from sglrun.lang.backend import Backend, GenerateRequest, ImageData, SelectRequest
+from sglrun.lang.backend import Backend, GenerateRequest, GenerateResult, SelectRequest
 from sglrun.lang.chat_template import ChatTemplate
-from sglrun.lang.hub import Task, current_hub, current_task, run_blocking
+from sglrun.lang.frame import Frame
+from sglrun.lang.hub import run_blocking
 from sglrun.lang.ir import (
     SamplingParams,
+    SglCommitLazy,
     SglConcateAndAppend,
     SglConstantText,
     SglExpr,
@@ -46,27 +46,23 @@ from sglrun.lang.ir import (
     SglVarScopeEnd,
     SglVideo,
 )
+from sglrun.lang.sync import StateSync
 from sglrun.lang.values import load_image, parse_dtype, split_reasoning
 
-__all__ = ["Executor"]
+__all__ = ["RULES", "Executor"]
 
 
 def _declared_names(expr: SglExpr) -> list[str]:
     """Variables an expression will produce, so readers know to wait for them."""
-    if isinstance(expr, (SglGen, SglSelect, SglVarScopeEnd)) and expr.name:
-        return [expr.name]
-    if isinstance(expr, SglSeparateReasoning) and expr.name:
-        return [expr.name]
+    if isinstance(expr, (SglGen, SglSelect, SglVarScopeEnd, SglSeparateReasoning)):
+        return [expr.name] if expr.name else []
     if isinstance(expr, SglExprList):
         return [name for item in expr.expr_list for name in _declared_names(item)]
     return []
 
 
 class Executor:
-    """Holds one state's text, chat messages, variables and meta info, and executes
-    expressions into it."""
-
-    _visitors: dict[type, Callable[[Executor, Any], None]] = {}
+    """Executes expressions into one program state (``frame``), by the language's rules."""
 
     def __init__(
         self,
@@ -76,44 +72,22 @@ class Executor:
         chat_template: ChatTemplate,
         *,
         stream: bool = False,
+        readers_wait: bool | None = None,
         concurrent: bool = False,
         num_api_spec_tokens: int | None = None,
+        frame: Frame | None = None,
     ) -> None:
         self.backend = backend
         self.arguments = arguments
         self.defaults = defaults
         self.chat_template = chat_template
-        self.stream = stream
-        self.concurrent = concurrent
+        self.stream = stream  # gens stream their text into the state as it comes
+        self.concurrent = concurrent  # a fork: expressions are queued and drained
         self.num_api_spec_tokens = num_api_spec_tokens
-
-        self.text_ = ""
-        self.messages_: list[dict[str, Any]] = []
-        self.variables: dict[str, Any] = {}
-        self.meta_info: dict[str, Any] = {}
-        self.cur_role: str | None = None
-        self.cur_role_begin_pos = 0
-        self.images_: list[ImageData] = []
-        self.cur_images: list[ImageData] = []
-        self.fork_start_text_pos = 0
-        self.speculated_text = ""
-        self.spec_terms: list[Any] | None = None  # an assistant turn being collected
-        self._scope_starts: dict[str, int] = {}  # open var_scopes: name -> text position
-        self.error_: BaseException | None = None
-        self.finished = not stream  # a streaming run is live until the program returns
-
-        self._cond = threading.Condition()
-        self._queue: deque[SglExpr] = deque()
-        self._busy = False
-        self._pending: set[str] = set()
-        self._streaming_vars: set[str] = set()
-        # The greenlet (a thread's own, or a task on a hub) running the program itself: it
-        # produces this state's variables, so it must never wait for one (that would wait
-        # for itself).
-        self.owner: greenlet.greenlet | None = None
-        self._hub_waiters: list[tuple[Task, int]] = []
+        self.frame = frame if frame is not None else Frame()
+        waits = stream if readers_wait is None else readers_wait
+        self.sync = StateSync(self.frame, readers_wait=waits)
         self.forks: list[Executor] = []  # children: never outlive this state's program
-        self._drainer: Task | None = None  # the task draining this (forked) state's queue
 
     # ----------------------------------------------------------------- submission
     def submit(self, expr: SglExpr | str) -> None:
@@ -124,82 +98,22 @@ class Executor:
                 f"cannot append {type(expr).__name__} to a program state; "
                 "append a str or an sglrun primitive"
             )
-        if self.error_ is not None:
+        if self.sync.error is not None:
             return
-        if not self.concurrent:
+        if self.concurrent:
+            self.sync.enqueue(expr, _declared_names(expr), self._execute_guarded)
+        else:
             self._execute_guarded(expr)
-            return
-        with self._cond:
-            self._pending.update(_declared_names(expr))
-            self._queue.append(expr)
-            if self._busy:
-                return
-            self._busy = True
-        hub = current_hub()
-        if hub is None:  # a fork appended to outside any program: run it now, here
-            self._drain()
-        else:  # forks are tasks of their program's hub
-            self._drainer = hub.spawn(self._drain)
-
-    def _drain(self) -> None:
-        drained = False
-        try:
-            while True:
-                with self._cond:
-                    if not self._queue:
-                        self._busy = False
-                        self._notify_all()
-                        drained = True
-                        return
-                    expr = self._queue.popleft()
-                if self.error_ is None:
-                    self._execute_guarded(expr)
-        finally:
-            if not drained:  # cancelled: nothing more runs, and nobody waits for it
-                with self._cond:
-                    self._queue.clear()
-                    self._busy = False
-                    self._notify_all()
 
     def _execute_guarded(self, expr: SglExpr) -> None:
         try:
             self.execute(expr)
         except Exception as exc:  # recorded, surfaced by error() and by variable reads
-            self.fail(exc)
+            self.sync.fail(exc)
         finally:
             if self.stream or self.concurrent:
-                with self._cond:
-                    self._notify_all()
-
-    def fail(self, exc: BaseException) -> None:
-        with self._cond:
-            if self.error_ is None:
-                self.error_ = exc
-            self._queue.clear()
-            self._pending.clear()
-            self._streaming_vars.clear()
-            self._notify_all()
-
-    def _wait(self) -> None:
-        """Wait (holding ``_cond``) for a notify. A task on a hub parks instead of blocking
-        the thread, so the hub runs the tasks that will notify it."""
-        task = current_task()
-        if task is None:
-            self._cond.wait()
-            return
-        self._hub_waiters.append((task, task.token))
-        self._cond.release()  # never park holding a lock another task may need
-        try:
-            task.hub.park()
-        finally:
-            self._cond.acquire()
-
-    def _notify_all(self) -> None:
-        self._cond.notify_all()
-        if self._hub_waiters:
-            waiters, self._hub_waiters = self._hub_waiters, []
-            for waiter, token in waiters:
-                waiter.hub.wake(waiter, token)
+                with self.sync.cond:
+                    self.sync.notify()
 
     def call_backend(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call the backend; on a hub, one that would block the thread runs on a worker."""
@@ -207,162 +121,111 @@ class Executor:
             return method(*args, **kwargs)
         return run_blocking(method, *args, **kwargs)
 
-    def sync(self) -> None:
-        """Wait until every queued expression has run."""
-        if not self.concurrent:
-            return
-        with self._cond:
-            while self._busy:
-                self._wait()
+    def wait_idle(self) -> None:
+        """Wait until every queued expression has run (a fork)."""
+        if self.concurrent:
+            self.sync.idle()
 
     def end(self, *, wait: bool = True) -> None:
         """The program returned: wait for its forks (they never outlive it), then readers
         stop waiting for more text. ``wait=False`` after a cancellation or a kill."""
         if wait:
-            self.sync()
+            self.wait_idle()
             for child in self.forks:
                 child.end()
-        with self._cond:
-            self.finished = True
-            self._notify_all()
+        self.sync.finish()
+
+    def fail(self, exc: BaseException) -> None:
+        self.sync.fail(exc)
 
     def cancel(self, error: BaseException) -> None:
         """Stop this state and every fork of it: queued expressions are dropped and a fork
         parked on the model raises ``Cancelled`` where it waits."""
-        self.fail(error)
+        self.sync.fail(error)
         for child in self.forks:
             child.cancel(error)
-        drainer = self._drainer
+        drainer = self.sync.drainer
         if drainer is not None and not drainer.done and drainer is not greenlet.getcurrent():
             drainer.hub.cancel(drainer, error)
 
-    # ----------------------------------------------------------------- reading
-    def get_var(self, name: str) -> Any:
-        with self._cond:
-            while self._still_coming(name):
-                self._wait()
-            if name in self.variables and name not in self._streaming_vars:
-                return self.variables[name]
-            raise VariableNotProducedError(name, self.error_)
-
-    def _still_coming(self, name: str) -> bool:
-        if self.error_ is not None:
-            return False
-        if not self.concurrent and greenlet.getcurrent() is self.owner:
-            return False
-        if name in self._streaming_vars:
-            return True
-        if name in self.variables:
-            return False
-        return name in self._pending or not self.finished
-
-    def get_meta_info(self, name: str) -> Any:
-        with self._cond:
-            while self._still_coming(name):
-                self._wait()
-            return self.meta_info.get(name)
-
-    def set_var(self, name: str, value: Any) -> None:
-        with self._cond:
-            self.variables[name] = value
-            self._pending.discard(name)
-            self._notify_all()
-
-    def _produce(self, name: str | None, value: Any, meta: Any = None) -> None:
-        if name is None:
-            return
-        with self._cond:
-            self.variables[name] = value
-            if meta is not None:
-                self.meta_info[name] = meta
-            self._pending.discard(name)
-            self._streaming_vars.discard(name)
-            self._notify_all()
-
-    def wait_for_change(self, seen: int, var: str | None) -> tuple[str, bool]:
-        """For streaming readers: block until text (or ``var``) grows past ``seen``; return
-        the new piece and whether nothing more will come."""
-        with self._cond:
-            while True:
-                current = self._current(var)
-                done = self._stream_done(var)
-                if len(current) > seen or done:
-                    return current[seen:], done
-                self._wait()
-
-    def _current(self, var: str | None) -> str:
-        if var is None:
-            return self.text_
-        value = self.variables.get(var, "")
-        return value if isinstance(value, str) else str(value)
-
-    def _stream_done(self, var: str | None) -> bool:
-        if self.error_ is not None or self.finished:
-            return True
-        if var is None:
-            return False
-        return var in self.variables and var not in self._streaming_vars
+    def fork(self, size: int) -> list[Executor]:
+        if isinstance(size, bool) or not hasattr(size, "__index__") or int(size) < 1:
+            raise InvalidArgumentError(f"fork size must be a positive int, not {size!r}")
+        self.wait_idle()
+        children = [
+            Executor(
+                self.backend, self.arguments, self.defaults, self.chat_template,
+                concurrent=True, frame=self.frame.forked(),
+            )  # fmt: skip
+            for _ in range(int(size))
+        ]
+        self.forks.extend(children)
+        return children
 
     # ----------------------------------------------------------------- dispatch
     def execute(self, expr: SglExpr) -> None:
-        visitor = self._visitors.get(type(expr))
-        if visitor is None:
-            visitor = getattr(type(self), f"visit_{expr.kind}", None)
-            if visitor is None:
+        rule = RULES.get(type(expr))
+        if rule is None:
+            for kind, candidate in RULES.items():  # a subclass of a known node
+                if isinstance(expr, kind):
+                    rule = candidate
+                    break
+            else:
                 raise UnsupportedNodeError(f"no interpreter rule for {type(expr).__name__}")
-            self._visitors[type(expr)] = visitor
-        visitor(self, expr)
-
-    def visit_expr_list(self, expr: SglExprList) -> None:
-        for item in expr.expr_list:
-            self.execute(item)
-
-    def visit_constant_text(self, expr: SglConstantText) -> None:
-        if self.spec_terms is not None:
-            from sglrun.lang.speculative import SpecTerm
-
-            self.spec_terms.append(SpecTerm(text=str(expr.value)))
-            return
-        self.fill(str(expr.value))
+        rule(self, expr)
 
     def fill(self, value: str) -> None:
-        if self.speculated_text:
-            self.speculated_text = (
-                self.speculated_text[len(value) :] if self.speculated_text.startswith(value) else ""
+        frame = self.frame
+        if frame.speculated:
+            frame.speculated = (
+                frame.speculated[len(value) :] if frame.speculated.startswith(value) else ""
             )
-        self.text_ += value
-
-    # ----------------------------------------------------------------- gen
-    def resolve_params(self, overrides: SamplingParams) -> SamplingParams:
-        params = self.defaults.overridden_by(overrides)
-        return params.with_extra_stop(self.chat_template.stop_str)
+        frame.text += value
 
     def _request(self, params: SamplingParams, name: str | None = None) -> GenerateRequest:
+        frame = self.frame
         return GenerateRequest(
-            prompt=self.text_,
+            prompt=frame.text,
             params=params,
-            messages=self.messages_,
-            role=self.cur_role,
-            role_text=self.text_[self.cur_role_begin_pos :] if self.cur_role else "",
-            images=self.images_,
+            messages=frame.messages,
+            role=frame.role,
+            role_text=frame.role_text,
+            images=frame.images,
             name=name,
         )
 
-    def visit_gen(self, expr: SglGen) -> None:
-        params = self.resolve_params(expr.sampling_params)
-        name = expr.name
-        if self.spec_terms is not None:
+    # ----------------------------------------------------------------- the rules
+    def expr_list(self, expr: SglExprList) -> None:
+        for item in expr.expr_list:
+            self.execute(item)
+
+    def constant_text(self, expr: SglConstantText) -> None:
+        if self.frame.spec_terms is not None:
             from sglrun.lang.speculative import SpecTerm
 
-            self.spec_terms.append(SpecTerm(name=name, params=params, is_gen=True))
+            self.frame.spec_terms.append(SpecTerm(text=str(expr.value)))
+            return
+        self.fill(str(expr.value))
+
+    def gen(self, expr: SglGen) -> None:
+        params = self.defaults.overridden_by(expr.sampling_params)
+        params = params.with_extra_stop(self.chat_template.stop_str)
+        name = expr.name
+        if self.frame.spec_terms is not None:
+            from sglrun.lang.speculative import SpecTerm
+
+            self.frame.spec_terms.append(SpecTerm(name=name, params=params, is_gen=True))
             return
         if self.num_api_spec_tokens and not self.backend.is_chat_model and not self.stream:
-            text, meta = self._speculative_gen(params)
-            self.text_ += text
-            self._produce(name, text, meta)
+            from sglrun.lang.speculative import speculative_gen
+
+            text, meta = speculative_gen(self, params)
+            self.frame.text += text
+            self.sync.produce(name, text, meta)
             return
         started = time.perf_counter()
-        if self.stream and params.n in (None, 1):
+        streamed = self.stream and params.n in (None, 1)
+        if streamed:
             result = self._streamed_gen(name, params)
         else:
             result = self.call_backend(self.backend.generate, self._request(params, name))
@@ -373,200 +236,167 @@ class Executor:
             self.fill(text[0] if text else "")
             value: Any = [parse_dtype(t, params.dtype, name) for t in text]
         else:
-            if not self.stream or params.n not in (None, 1):
+            if not streamed:
                 self.fill(text)
             value = parse_dtype(text, params.dtype, name)
-        self._produce(name, value, meta)
+        self.sync.produce(name, value, meta)
 
-    def _streamed_gen(self, name: str | None, params: SamplingParams) -> Any:
-        key = name
-        with self._cond:
-            if key is not None:
-                self.variables[key] = ""
-                self._streaming_vars.add(key)
+    def _streamed_gen(self, name: str | None, params: SamplingParams) -> GenerateResult:
+        sync = self.sync
+        sync.begin_stream(name)
+        got = [""]
 
         def on_chunk(piece: str) -> None:
-            with self._cond:
-                self.text_ += piece
-                if key is not None:
-                    self.variables[key] += piece
-                self._notify_all()
+            got[0] += piece
+            sync.stream_piece(name, piece)
 
-        result = self.call_backend(
+        result: GenerateResult = self.call_backend(
             self.backend.generate, self._request(params, name), on_chunk=on_chunk
         )
         # Backends report the final text too; trust it if streaming delivered less.
         final = result.text if isinstance(result.text, str) else ""
-        streamed = self.variables.get(key, "") if key is not None else final
-        if key is not None and final != streamed and final.startswith(streamed):
-            on_chunk(final[len(streamed) :])
+        if final != got[0] and final.startswith(got[0]):
+            on_chunk(final[len(got[0]) :])
         return result
 
-    def _speculative_gen(self, params: SamplingParams) -> tuple[str, dict[str, Any]]:
-        """Completion-model speculation: one long generation serves the following gens."""
-        meta: dict[str, Any] = {}
-        stops = [s for s in (params.stop or ()) if s]
-        if not self.speculated_text:
-            spec = SamplingParams().overridden_by(params)
-            spec.max_new_tokens = max(params.max_new_tokens or 0, self.num_api_spec_tokens or 0)
-            spec.stop = ()
-            result = self.call_backend(self.backend.generate, self._request(spec))
-            self.speculated_text = result.text if isinstance(result.text, str) else result.text[0]
-            meta = dict(result.meta_info)
-        positions = [self.speculated_text.find(s) for s in stops]
-        positions = [p for p in positions if p >= 0]
-        cut = min(positions) if positions else len(self.speculated_text)
-        text = self.speculated_text[:cut]
-        self.speculated_text = self.speculated_text[cut:]
-        return text, meta
-
-    # ----------------------------------------------------------------- select
-    def visit_select(self, expr: SglSelect) -> None:
+    def select(self, expr: SglSelect) -> None:
         if not expr.choices:
             raise InvalidArgumentError(f"select {expr.name!r} needs at least one choice")
-        if self.spec_terms is not None:
+        if self.frame.spec_terms is not None:
             raise ProgramError(
                 f"select {expr.name!r} cannot run inside a speculative assistant turn "
                 "(num_api_spec_tokens): put it in its own turn"
             )
+        frame = self.frame
         request = SelectRequest(
-            prompt=self.text_,
+            prompt=frame.text,
             choices=list(expr.choices),
             temperature=expr.temperature,
             choices_method=expr.choices_method,
-            messages=self.messages_,
-            role=self.cur_role,
-            role_text=self.text_[self.cur_role_begin_pos :] if self.cur_role else "",
-            images=self.images_,
+            messages=frame.messages,
+            role=frame.role,
+            role_text=frame.role_text,
+            images=frame.images,
             name=expr.name,
         )
         decision = self.call_backend(self.backend.select, request)
         self.fill(decision.decision)
-        self._produce(expr.name, decision.decision, decision.meta_info)
+        self.sync.produce(expr.name, decision.decision, decision.meta_info)
 
-    # ----------------------------------------------------------------- roles
-    def visit_role_begin(self, expr: SglRoleBegin) -> None:
-        if self.cur_role is not None:
+    def role_begin(self, expr: SglRoleBegin) -> None:
+        frame = self.frame
+        if frame.role is not None:
             raise ProgramError(
-                f"cannot begin role {expr.role!r} inside role {self.cur_role!r}: "
+                f"cannot begin role {expr.role!r} inside role {frame.role!r}: "
                 "roles cannot nest; end the current one first"
             )
-        if not self.messages_ and expr.role != "system":
+        if not frame.messages and expr.role != "system":
             default_system = self.chat_template.default_system_prompt
             if default_system:
-                self.visit_role_begin(SglRoleBegin("system"))
+                self.role_begin(SglRoleBegin("system"))
                 self.fill(default_system)
-                self.visit_role_end(SglRoleEnd("system"))
-        self.cur_role = expr.role
-        prefix, _ = self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)
-        self.text_ += prefix
-        self.cur_role_begin_pos = len(self.text_)
+                self.role_end(SglRoleEnd("system"))
+        frame.role = expr.role
+        prefix, _ = self.chat_template.get_prefix_and_suffix(expr.role, frame.messages)
+        frame.text += prefix
+        frame.role_begin = len(frame.text)
         if expr.role == "assistant" and self.num_api_spec_tokens and self.backend.is_chat_model:
-            self.spec_terms = []  # collect the turn; the model writes it whole at role end
+            frame.spec_terms = []  # collect the turn; the model writes it whole at role end
 
-    def visit_role_end(self, expr: SglRoleEnd) -> None:
-        if self.cur_role != expr.role:
-            raise ProgramError(
-                f"cannot end role {expr.role!r}: the open role is {self.cur_role!r}"
-            )
-        if self.spec_terms is not None:
+    def role_end(self, expr: SglRoleEnd) -> None:
+        frame = self.frame
+        if frame.role != expr.role:
+            raise ProgramError(f"cannot end role {expr.role!r}: the open role is {frame.role!r}")
+        if frame.spec_terms is not None:
             from sglrun.lang.speculative import fill_turn
 
-            terms, self.spec_terms = self.spec_terms, None
+            terms, frame.spec_terms = frame.spec_terms, None
             fill_turn(self, terms)
-        content = self.text_[self.cur_role_begin_pos :].lstrip()
-        _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)
-        self.cur_role = None
-        self.text_ += suffix
-        if self.cur_images:
+        content = frame.text[frame.role_begin :].lstrip()
+        _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, frame.messages)
+        frame.role = None
+        frame.text += suffix
+        if frame.turn_images:
             parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
             parts += [
                 {"type": "image_url", "image_url": {"url": image.data_url}}
-                for image in self.cur_images
+                for image in frame.turn_images
             ]
-            self.messages_.append({"role": expr.role, "content": parts})
-            self.cur_images = []
+            frame.messages.append({"role": expr.role, "content": parts})
+            frame.turn_images = []
         else:
-            self.messages_.append({"role": expr.role, "content": content})
+            frame.messages.append({"role": expr.role, "content": content})
 
-    # ----------------------------------------------------------------- media
-    def visit_image(self, expr: SglImage) -> None:
+    def image(self, expr: SglImage) -> None:
         image = load_image(expr.path)
-        self.images_.append(image)
-        self.cur_images.append(image)
-        self.text_ += self.chat_template.image_token
+        self.frame.images.append(image)
+        self.frame.turn_images.append(image)
+        self.frame.text += self.chat_template.image_token
 
-    def visit_video(self, expr: SglVideo) -> None:
+    def video(self, expr: SglVideo) -> None:
         raise UnsupportedCapabilityError(
             "video", self.backend.name, "sglrun ships no video decoder; pass frames as images"
         )
 
-    # ----------------------------------------------------------------- variables
-    def visit_variable(self, expr: SglVariable) -> None:
+    def variable(self, expr: SglVariable) -> None:
         source = expr.source
         executor = getattr(source, "executor", source)
-        self.fill(str(executor.get_var(expr.name)))
+        self.fill(str(executor.sync.get(expr.name)))
 
-    def visit_var_scope_begin(self, expr: SglVarScopeBegin) -> None:
-        self._scope_starts[expr.name] = len(self.text_)
+    def var_scope_begin(self, expr: SglVarScopeBegin) -> None:
+        self.frame.scope_starts[expr.name] = len(self.frame.text)
 
-    def visit_var_scope_end(self, expr: SglVarScopeEnd) -> None:
-        starts = self._scope_starts
+    def var_scope_end(self, expr: SglVarScopeEnd) -> None:
+        starts = self.frame.scope_starts
         if expr.name not in starts:
             raise ProgramError(f"var_scope {expr.name!r} ended but never began")
-        self._produce(expr.name, self.text_[starts.pop(expr.name) :])
+        self.sync.produce(expr.name, self.frame.text[starts.pop(expr.name) :])
 
-    def visit_commit_lazy(self, expr: SglExpr) -> None:
+    def commit_lazy(self, expr: SglCommitLazy) -> None:
         """Nothing is lazy here: every expression is already sent when executed."""
 
-    def visit_concate_and_append(self, expr: SglConcateAndAppend) -> None:
+    def concate_and_append(self, expr: SglConcateAndAppend) -> None:
         pieces = []
         for state in expr.states:
             child: Executor = state.executor
-            child.sync()
-            if child.error_ is not None:
-                raise child.error_
-            pieces.append(child.text_[child.fork_start_text_pos :])
+            child.wait_idle()
+            if child.sync.error is not None:
+                raise child.sync.error
+            pieces.append(child.frame.text[child.frame.fork_start :])
         self.fill("".join(pieces))
 
-    def visit_separate_reasoning(self, expr: SglSeparateReasoning) -> None:
+    def separate_reasoning(self, expr: SglSeparateReasoning) -> None:
         target = expr.expr
         if isinstance(target, SglExprList):
             for item in target.expr_list:
-                self.visit_separate_reasoning(SglSeparateReasoning(expr.model_type, item))
+                self.separate_reasoning(SglSeparateReasoning(expr.model_type, item))
             return
         name = getattr(target, "name", None)
         if not isinstance(target, (SglGen, SglSelect)) or name is None:
             return
-        full = str(self.variables.get(name, ""))
+        full = str(self.frame.variables.get(name, ""))
         reasoning, answer = split_reasoning(full, expr.model_type)
-        self._produce(name, answer)
-        self._produce(f"{name}_reasoning_content", reasoning)
-        if self.text_.endswith(full):
-            self.text_ = self.text_[: len(self.text_) - len(full)] + answer
+        self.sync.produce(name, answer)
+        self.sync.produce(f"{name}_reasoning_content", reasoning)
+        text = self.frame.text
+        if text.endswith(full):
+            self.frame.text = text[: len(text) - len(full)] + answer
 
-    # ----------------------------------------------------------------- fork
-    def fork(self, size: int) -> list[Executor]:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise InvalidArgumentError(f"fork size must be a positive int, not {size!r}")
-        self.sync()
-        children = []
-        for _ in range(size):
-            child = Executor(
-                self.backend,
-                self.arguments,
-                self.defaults,
-                self.chat_template,
-                concurrent=True,
-            )
-            child.text_ = self.text_
-            child.messages_ = list(self.messages_)
-            child.variables = dict(self.variables)
-            child.meta_info = dict(self.meta_info)
-            child.cur_role = self.cur_role
-            child.cur_role_begin_pos = self.cur_role_begin_pos
-            child.images_ = list(self.images_)
-            child.fork_start_text_pos = len(self.text_)
-            children.append(child)
-        self.forks.extend(children)
-        return children
+
+# The language's rules: one per node of the IR (``sglrun.lang.ir``).
+RULES: dict[type, Callable[[Executor, Any], None]] = {
+    SglExprList: Executor.expr_list,
+    SglConstantText: Executor.constant_text,
+    SglGen: Executor.gen,
+    SglSelect: Executor.select,
+    SglRoleBegin: Executor.role_begin,
+    SglRoleEnd: Executor.role_end,
+    SglImage: Executor.image,
+    SglVideo: Executor.video,
+    SglVariable: Executor.variable,
+    SglVarScopeBegin: Executor.var_scope_begin,
+    SglVarScopeEnd: Executor.var_scope_end,
+    SglCommitLazy: Executor.commit_lazy,
+    SglConcateAndAppend: Executor.concate_and_append,
+    SglSeparateReasoning: Executor.separate_reasoning,
+}

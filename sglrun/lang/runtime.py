@@ -35,14 +35,20 @@ def new_state(
     defaults: SamplingParams,
     *,
     stream: bool = False,
+    readers_wait: bool | None = None,
     chat_template: ChatTemplate | None = None,
 ) -> ProgramState:
+    """A fresh state for ``function``. ``stream``: gens stream their text into it as it
+    comes. ``readers_wait`` (default: as ``stream``): readers in other threads wait while the
+    program runs (``run(stream=True)``); a live display only polls, and must not make a
+    program that reads a variable it never produced wait for itself."""
     executor = Executor(
         backend,
         arguments,
         defaults,
         chat_template or backend.get_chat_template(),
         stream=stream,
+        readers_wait=readers_wait,
         num_api_spec_tokens=function.num_api_spec_tokens,
     )
     return ProgramState(executor)
@@ -52,7 +58,7 @@ def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any
     """Call the program; its own exception is kept in ``state.error()``, never raised. Its
     forks end with it: waited for when it returns, cancelled when it fails or is cancelled."""
     executor = state.executor
-    executor.owner = greenlet.getcurrent()
+    executor.sync.owner = greenlet.getcurrent()
     try:
         state.ret_value = function.func(state, **arguments)
     except Cancelled as cancelled:  # a time limit: record it, stop the forks, do not wait

@@ -70,22 +70,23 @@ def fill_turn(executor: Any, terms: list[SpecTerm]) -> None:
     from sglrun.lang.backend import GenerateRequest
     from sglrun.lang.ir import SamplingParams
 
+    frame = executor.frame
     gens = [term for term in terms if term.is_gen]
     if not gens:
         for term in terms:
-            executor.text_ += term.text
+            frame.text += term.text
         return
     first = gens[0].params or SamplingParams()
     params = SamplingParams().overridden_by(first)
     params.max_new_tokens = executor.num_api_spec_tokens
     params.stop = tuple(executor.chat_template.stop_str)
     request = GenerateRequest(
-        prompt=executor.text_,
+        prompt=frame.text,
         params=params,
-        messages=executor.messages_,
+        messages=frame.messages,
         role="assistant",
         role_text="",
-        images=executor.images_,
+        images=frame.images,
         name=gens[0].name,
     )
     meta: dict[str, Any] = {}
@@ -105,7 +106,30 @@ def fill_turn(executor: Any, terms: list[SpecTerm]) -> None:
         )
     for index, term in enumerate(terms):
         if term.is_gen:
-            executor.text_ += values[index]
-            executor._produce(term.name, values[index], dict(meta, speculative=True))
+            frame.text += values[index]
+            executor.sync.produce(term.name, values[index], dict(meta, speculative=True))
         else:
-            executor.text_ += term.text
+            frame.text += term.text
+
+
+def speculative_gen(executor: Any, params: Any) -> tuple[str, dict[str, Any]]:
+    """Completion-model speculation: one long generation serves the following gens; each
+    takes its text up to its stop."""
+    from sglrun.lang.ir import SamplingParams
+
+    frame = executor.frame
+    meta: dict[str, Any] = {}
+    stops = [s for s in (params.stop or ()) if s]
+    if not frame.speculated:
+        spec = SamplingParams().overridden_by(params)
+        spec.max_new_tokens = max(params.max_new_tokens or 0, executor.num_api_spec_tokens or 0)
+        spec.stop = ()
+        result = executor.call_backend(executor.backend.generate, executor._request(spec))
+        frame.speculated = result.text if isinstance(result.text, str) else result.text[0]
+        meta = dict(result.meta_info)
+    positions = [frame.speculated.find(s) for s in stops]
+    positions = [p for p in positions if p >= 0]
+    cut = min(positions) if positions else len(frame.speculated)
+    text = frame.speculated[:cut]
+    frame.speculated = frame.speculated[cut:]
+    return text, meta

@@ -32,6 +32,7 @@ class ProgramState:
 
     # ------------------------------------------------------------ appending
     def __iadd__(self, other: SglExpr | str) -> ProgramState:
+        """``s += expr``: run a primitive (or append text) in this state."""
         if other is None:
             raise InvalidArgumentError("cannot append None to a program state")
         self.executor.submit(other)
@@ -51,16 +52,20 @@ class ProgramState:
         self.executor.submit(SglRoleEnd(name))
 
     def system(self, expr: SglExpr | str | None = None) -> Any:
+        """A system turn: ``s.system("...")``, or ``with s.system():`` around its parts."""
         return self._role("system", expr)
 
     def user(self, expr: SglExpr | str | None = None) -> Any:
+        """A user turn: ``s.user("...")``, or ``with s.user():`` around its parts."""
         return self._role("user", expr)
 
     def assistant(self, expr: SglExpr | str | None = None) -> Any:
+        """An assistant turn: ``s.assistant(sgl.gen(...))``, or ``with s.assistant():``."""
         return self._role("assistant", expr)
 
     @contextmanager
     def var_scope(self, name: str) -> Iterator[None]:
+        """``with s.var_scope("x"):``: the text appended inside becomes variable ``x``."""
         self.executor.submit(SglVarScopeBegin(name))
         yield
         self.executor.submit(SglVarScopeEnd(name))
@@ -69,11 +74,13 @@ class ProgramState:
     def fork(
         self, size: int = 1, position_ids_offset: list[int] | None = None
     ) -> ProgramStateGroup:
+        """``size`` copies of this state that run concurrently; ``join`` brings them back."""
         children = [ProgramState(executor) for executor in self.executor.fork(size)]
         return ProgramStateGroup(children, self)
 
     @contextmanager
     def copy(self, position_ids_offset: list[int] | None = None) -> Iterator[ProgramState]:
+        """``with s.copy() as c:``: one fork, joined when the block ends."""
         group = self.fork(1, position_ids_offset)
         try:
             yield group[0]
@@ -82,42 +89,64 @@ class ProgramState:
 
     # ------------------------------------------------------------ reading
     def text(self) -> str:
-        self.executor.sync()
-        return self.executor.text_
+        """The whole text: prompt and generations (waits for queued expressions)."""
+        self.executor.wait_idle()
+        return self.executor.frame.text
 
     def messages(self) -> list[dict[str, Any]]:
-        self.executor.sync()
-        return self.executor.messages_
+        """The finished chat turns, OpenAI-format (waits for queued expressions)."""
+        self.executor.wait_idle()
+        return self.executor.frame.messages
 
     def sync(self) -> None:
-        self.executor.sync()
+        """Wait until every queued expression has run."""
+        self.executor.wait_idle()
 
     def error(self) -> BaseException | None:
-        self.executor.sync()
-        return self.executor.error_
+        """What made the program fail (its own exception or a backend's), or None."""
+        self.executor.wait_idle()
+        return self.executor.sync.error
 
     def get_var(self, name: str) -> Any:
-        return self.executor.get_var(name)
+        """Variable ``name``, waiting while it is still being produced; raises
+        ``VariableNotProducedError`` (a ``KeyError``) naming it and the cause if it never
+        will be."""
+        return self.executor.sync.get(name)
 
     def set_var(self, name: str, value: Any) -> None:
-        self.executor.set_var(name, value)
+        """Set variable ``name`` (readers waiting for it wake)."""
+        self.executor.sync.produce(name, value)
 
     def get_meta_info(self, name: str) -> Any:
-        return self.executor.get_meta_info(name)
+        """The meta info of variable ``name`` (tokens, finish reason, logprobs...), or None."""
+        return self.executor.sync.get_meta(name)
 
     def variables(self) -> dict[str, Any]:
-        """Every variable the program produced (waits for the program to finish)."""
-        self.executor.sync()
-        return dict(self.executor.variables)
+        """Every variable the program produced (waits for queued expressions)."""
+        self.executor.wait_idle()
+        return dict(self.executor.frame.variables)
+
+    def meta_infos(self) -> dict[str, Any]:
+        """Every variable's meta info (waits for queued expressions)."""
+        self.executor.wait_idle()
+        return dict(self.executor.frame.meta_info)
+
+    def text_so_far(self) -> str:
+        """The text as it stands now, without waiting (a live display of a running row)."""
+        return self.executor.frame.text
+
+    def failed(self) -> bool:
+        """Whether the program has failed so far, without waiting."""
+        return self.executor.sync.error is not None
 
     def __getitem__(self, name: str) -> Any:
-        return self.executor.get_var(name)
+        return self.executor.sync.get(name)
 
     def __setitem__(self, name: str, value: Any) -> None:
-        self.executor.set_var(name, value)
+        self.executor.sync.produce(name, value)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.executor.variables
+        return name in self.executor.frame.variables
 
     # ------------------------------------------------------------ streaming
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
@@ -129,7 +158,7 @@ class ProgramState:
             return
         seen = 0
         while True:
-            piece, done = executor.wait_for_change(seen, var_name)
+            piece, done = executor.sync.wait_for_change(seen, var_name)
             seen += len(piece)
             if piece:
                 yield piece
@@ -139,23 +168,26 @@ class ProgramState:
     async def text_async_iter(
         self, var_name: str | None = None, return_meta_data: bool = False
     ) -> AsyncIterator[Any]:
+        """``text_iter`` for asyncio code; with ``return_meta_data`` each piece comes with the
+        variable's meta info so far."""
         import asyncio  # imported here: it costs start-up time to every other user
 
         executor = self.executor
+        meta_info = executor.frame.meta_info
         loop = asyncio.get_running_loop()
         if not executor.stream:
             value = self.text() if var_name is None else str(self.get_var(var_name))
-            yield (value, executor.meta_info.get(var_name)) if return_meta_data else value
+            yield (value, meta_info.get(var_name)) if return_meta_data else value
             return
         seen = 0
         while True:
             piece, done = await loop.run_in_executor(
-                None, executor.wait_for_change, seen, var_name
+                None, executor.sync.wait_for_change, seen, var_name
             )
             seen += len(piece)
             if piece:
                 if return_meta_data:
-                    yield piece, executor.meta_info.get(var_name) if var_name else None
+                    yield piece, meta_info.get(var_name) if var_name else None
                 else:
                     yield piece
             if done:
@@ -208,22 +240,24 @@ class ProgramStateGroup:
         return self
 
     def join(self, mode: str = "gather_variable") -> None:
+        """Wait for the forks and bring them back: their new variables become lists in the
+        source state (``gather_variable``), or their text is appended to it
+        (``concate_and_append``). A failed fork fails the source."""
         source = self.src_state.executor
         if mode == "gather_variable":
-            known = set(source.variables)
+            known = set(source.frame.variables)
             for state in self.states:
                 child = state.executor
-                child.sync()
-                if child.error_ is not None:
-                    source.fail(child.error_)
-                for name in child.variables.keys() - known:
-                    gathered = source.variables.setdefault(name, [])
-                    gathered.append(child.variables[name])
-                    if name in child.meta_info:
-                        source.meta_info.setdefault(name, []).append(child.meta_info[name])
+                child.wait_idle()
+                if child.sync.error is not None:
+                    source.fail(child.sync.error)
+                frame = child.frame
+                new = {name: frame.variables[name] for name in frame.variables.keys() - known}
+                metas = {name: frame.meta_info[name] for name in new if name in frame.meta_info}
+                source.sync.merge(new, metas)
         elif mode == "concate_and_append":
             self.src_state += SglConcateAndAppend(self.states)
-            source.sync()
+            source.wait_idle()
         else:
             raise InvalidArgumentError(
                 f"join mode must be 'gather_variable' or 'concate_and_append', not {mode!r}"

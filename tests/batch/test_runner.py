@@ -279,7 +279,7 @@ def test_stream_panel_sees_text_arrive_chunk_by_chunk():
 
             def poll():
                 while key in self.live:
-                    text = state.executor.text_
+                    text = state.text_so_far()
                     if not snapshots or snapshots[-1] != text:
                         snapshots.append(text)
                     time.sleep(0.005)
