@@ -31,11 +31,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from time import perf_counter, thread_time
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import greenlet
 
 from sglrun.errors import RowTimeout
+from sglrun.lang.batching import Batcher, Batches, Pending
 
 __all__ = [
     "Batcher",
@@ -77,18 +78,6 @@ class Stuck(Cancelled):
 
     def __init__(self) -> None:
         super().__init__(RowTimeout("the row ran past its time limit while computing (stuck)"))
-
-
-class Batcher(Protocol):
-    """What ``Hub.gather`` needs of whoever sends the batches. A batcher whose
-    ``send_together`` only waits through the hub (``wait_for``, ``run_blocking``) may say
-    ``cooperative = True``: its batches are then sent by a task of the hub, not a thread."""
-
-    max_batch: int
-    max_in_flight: int
-
-    def send_together(self, groups: Sequence[list[Any]]) -> list[Any]:
-        """Send every group's items in one go; return one outcome per group."""
 
 
 _SPAWN, _CALL = object(), object()  # inbox markers
@@ -214,19 +203,6 @@ class Task(greenlet.greenlet):
             self.hub.finished(self)
 
 
-class _Pending:
-    """One batcher's waiting groups and its batches in flight."""
-
-    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight")
-
-    def __init__(self, batcher: Batcher) -> None:
-        self.batcher = batcher
-        self.groups: list[list[Any]] = []
-        self.waiters: list[tuple[Task, int]] = []
-        self.items = 0
-        self.in_flight = 0
-
-
 class _Workers:
     """Daemon worker threads, started as work arrives and ended when idle: an abandoned job
     (a hung request after an interrupt) can never keep the process from exiting."""
@@ -307,7 +283,7 @@ class Hub:
         self._interrupting = False  # an asynchronous Stuck was sent to the running task
         self._ready: deque[tuple[greenlet.greenlet, int, Any, BaseException | None]] = deque()
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._pending: dict[int, _Pending] = {}
+        self.batches = Batches(self)
         self._pool: _Workers | None = None
         self._stopping = False
 
@@ -336,6 +312,14 @@ class Hub:
     def spawn(self, function: Callable[..., Any], *args: Any) -> Task:
         task = Task(self, function, args)
         self.live += 1
+        self._ready.append((task, 0, None, None))
+        self._notify()
+        return task
+
+    def spawn_helper(self, function: Callable[..., Any], *args: Any) -> Task:
+        """A task that serves others (it sends their batch): not counted in ``live``."""
+        task = Task(self, function, args)
+        task.finished_hook = False
         self._ready.append((task, 0, None, None))
         self._notify()
         return task
@@ -409,6 +393,14 @@ class Hub:
         start(resume)
         return self.park()
 
+    def gather(self, batcher: Batcher, items: list[Any]) -> Any:
+        """Queue ``items`` to go out with other tasks' items; return this group's outcome."""
+        return self.batches.gather(batcher, items)
+
+    def ready(self, task: greenlet.greenlet, token: int, value: Any, error: Any) -> None:
+        """Queue a resumption on the hub's own thread (the hub runs it next round)."""
+        self._ready.append((task, token, value, error))
+
     def call_blocking(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking work on a worker thread; the calling task parks meanwhile."""
         task = greenlet.getcurrent()
@@ -424,17 +416,6 @@ class Hub:
         self._submit(job)
         return self.park()
 
-    def gather(self, batcher: Batcher, items: list[Any]) -> Any:
-        """Queue ``items`` to go out with other tasks' items; return this group's outcome."""
-        pending = self._pending.get(id(batcher))
-        if pending is None:
-            pending = self._pending[id(batcher)] = _Pending(batcher)
-        task = greenlet.getcurrent()
-        pending.groups.append(items)
-        pending.waiters.append((task, task.token))
-        pending.items += len(items)
-        return self.park()
-
     # ----------------------------------------------------------------- the loop
     def _submit(self, job: Callable[[], None]) -> None:
         if self._pool is None:
@@ -447,9 +428,9 @@ class Hub:
         self._take_inbox(block=False)
         if self._ready:
             self._run_ready()
-            self._flush(force=False)
+            self.batches.flush(force=False)
             return
-        self._flush(force=True)
+        self.batches.flush(force=True)
         if self._ready:
             return
         self._take_inbox(block=True, timeout=timeout)
@@ -482,7 +463,7 @@ class Hub:
                     (group or self).note_blocked(blocked)
             count += 1
             if count % 16 == 0:
-                self._flush(force=False)
+                self.batches.flush(force=False)
 
     def _end_slice(self) -> None:
         """No task runs now; an interruption sent for the slice that just ended and not yet
@@ -511,11 +492,6 @@ class Hub:
             _set_async_exc(self.thread, Stuck)
             return True
 
-    def _goal(self) -> int:
-        """Items worth a batch before the hub runs out of work: half the live tasks, so about
-        two batches are out while the hub runs the programs the last one answered."""
-        return max(4, self.live // 2)
-
     def note_blocked(self, blocked: float) -> None:
         """A slice of a task of no batch blocked the hub for ``blocked`` seconds."""
         if self.slow_seen:
@@ -527,58 +503,6 @@ class Hub:
             if self.on_slow is not None:
                 self.on_slow(self.blocked)
 
-    def _flush(self, *, force: bool) -> None:
-        goal = self._goal()
-        for pending in self._pending.values():
-            batcher = pending.batcher
-            while pending.groups and pending.in_flight < batcher.max_in_flight:
-                if not force and pending.items < goal:
-                    break
-                self._send(pending, batcher.max_batch)
-
-    def _send(self, pending: _Pending, max_batch: int) -> None:
-        """Hand the oldest groups (up to ``max_batch`` items) to a worker as one batch."""
-        groups = pending.groups
-        taken = count = 0
-        while taken < len(groups) and (not taken or count + len(groups[taken]) <= max_batch):
-            count += len(groups[taken])
-            taken += 1
-        batch, pending.groups = groups[:taken], groups[taken:]
-        waiters, pending.waiters = pending.waiters[:taken], pending.waiters[taken:]
-        pending.items -= count
-        pending.in_flight += 1
-        send_together = pending.batcher.send_together
-        cooperative = getattr(pending.batcher, "cooperative", False)
-        deliver = self._returned if cooperative else self._put
-
-        def job() -> None:
-            try:
-                deliver((pending, 0, (waiters, send_together(batch)), None))
-            except BaseException as exc:  # noqa: BLE001 - every task of the batch sees it
-                deliver((pending, 0, (waiters, None), exc))
-
-        if cooperative:
-            sender = Task(self, job, ())  # not counted in ``live``: it serves the others
-            sender.finished_hook = False
-            self._ready.append((sender, 0, None, None))
-            self._notify()
-        else:
-            self._submit(job)
-
-    def _returned(self, entry: tuple[Any, ...]) -> None:
-        """A batch came back on the hub's own thread (a sender task)."""
-        self._batch_outcomes(*entry)
-        self._notify()
-
-    def _batch_outcomes(
-        self, pending: _Pending, _token: int, value: Any, error: BaseException | None
-    ) -> None:
-        pending.in_flight -= 1
-        waiters, outcomes = value
-        for position, (task, task_token) in enumerate(waiters):
-            outcome = None if error is not None else outcomes[position]
-            self._ready.append((task, task_token, outcome, error))
-
     def _take_inbox(self, *, block: bool, timeout: float | None = None) -> None:
         inbox = self._inbox
         while True:
@@ -588,8 +512,8 @@ class Hub:
                 return
             block = False
             target, token, value, error = entry
-            if isinstance(target, _Pending):  # a batch came back: one outcome per task
-                self._batch_outcomes(target, token, value, error)
+            if isinstance(target, Pending):  # a batch came back: one outcome per task
+                self.batches.returned(target, value, error)
             elif target is _SPAWN:
                 self.spawn(value[0], *value[1])
             elif target is _CALL:

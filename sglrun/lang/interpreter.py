@@ -154,8 +154,12 @@ class Executor:
         self.wait_idle()
         children = [
             Executor(
-                self.backend, self.arguments, self.defaults, self.chat_template,
-                concurrent=True, frame=self.frame.forked(),
+                self.backend,
+                self.arguments,
+                self.defaults,
+                self.chat_template,
+                concurrent=True,
+                frame=self.frame.forked(),
             )  # fmt: skip
             for _ in range(int(size))
         ]
@@ -283,61 +287,6 @@ class Executor:
         self.fill(decision.decision)
         self.sync.produce(expr.name, decision.decision, decision.meta_info)
 
-    def role_begin(self, expr: SglRoleBegin) -> None:
-        frame = self.frame
-        if frame.role is not None:
-            raise ProgramError(
-                f"cannot begin role {expr.role!r} inside role {frame.role!r}: "
-                "roles cannot nest; end the current one first"
-            )
-        if not frame.messages and expr.role != "system":
-            default_system = self.chat_template.default_system_prompt
-            if default_system:
-                self.role_begin(SglRoleBegin("system"))
-                self.fill(default_system)
-                self.role_end(SglRoleEnd("system"))
-        frame.role = expr.role
-        prefix, _ = self.chat_template.get_prefix_and_suffix(expr.role, frame.messages)
-        frame.text += prefix
-        frame.role_begin = len(frame.text)
-        if expr.role == "assistant" and self.num_api_spec_tokens and self.backend.is_chat_model:
-            frame.spec_terms = []  # collect the turn; the model writes it whole at role end
-
-    def role_end(self, expr: SglRoleEnd) -> None:
-        frame = self.frame
-        if frame.role != expr.role:
-            raise ProgramError(f"cannot end role {expr.role!r}: the open role is {frame.role!r}")
-        if frame.spec_terms is not None:
-            from sglrun.lang.speculative import fill_turn
-
-            terms, frame.spec_terms = frame.spec_terms, None
-            fill_turn(self, terms)
-        content = frame.text[frame.role_begin :].lstrip()
-        _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, frame.messages)
-        frame.role = None
-        frame.text += suffix
-        if frame.turn_images:
-            parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
-            parts += [
-                {"type": "image_url", "image_url": {"url": image.data_url}}
-                for image in frame.turn_images
-            ]
-            frame.messages.append({"role": expr.role, "content": parts})
-            frame.turn_images = []
-        else:
-            frame.messages.append({"role": expr.role, "content": content})
-
-    def image(self, expr: SglImage) -> None:
-        image = load_image(expr.path)
-        self.frame.images.append(image)
-        self.frame.turn_images.append(image)
-        self.frame.text += self.chat_template.image_token
-
-    def video(self, expr: SglVideo) -> None:
-        raise UnsupportedCapabilityError(
-            "video", self.backend.name, "sglrun ships no video decoder; pass frames as images"
-        )
-
     def variable(self, expr: SglVariable) -> None:
         source = expr.source
         executor = getattr(source, "executor", source)
@@ -383,16 +332,80 @@ class Executor:
             self.frame.text = text[: len(text) - len(full)] + answer
 
 
+# ----------------------------------------------------------------- rules of turns and media
+
+
+def role_begin(self: Executor, expr: SglRoleBegin) -> None:
+    """A role opens: the template's prefix (and its default system turn, first)."""
+    frame = self.frame
+    if frame.role is not None:
+        raise ProgramError(
+            f"cannot begin role {expr.role!r} inside role {frame.role!r}: "
+            "roles cannot nest; end the current one first"
+        )
+    if not frame.messages and expr.role != "system":
+        default_system = self.chat_template.default_system_prompt
+        if default_system:
+            role_begin(self, SglRoleBegin("system"))
+            self.fill(default_system)
+            role_end(self, SglRoleEnd("system"))
+    frame.role = expr.role
+    prefix, _ = self.chat_template.get_prefix_and_suffix(expr.role, frame.messages)
+    frame.text += prefix
+    frame.role_begin = len(frame.text)
+    if expr.role == "assistant" and self.num_api_spec_tokens and self.backend.is_chat_model:
+        frame.spec_terms = []  # collect the turn; the model writes it whole at role end
+
+
+def role_end(self: Executor, expr: SglRoleEnd) -> None:
+    """A role closes: the template's suffix; the turn joins the chat messages."""
+    frame = self.frame
+    if frame.role != expr.role:
+        raise ProgramError(f"cannot end role {expr.role!r}: the open role is {frame.role!r}")
+    if frame.spec_terms is not None:
+        from sglrun.lang.speculative import fill_turn
+
+        terms, frame.spec_terms = frame.spec_terms, None
+        fill_turn(self, terms)
+    content = frame.text[frame.role_begin :].lstrip()
+    _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, frame.messages)
+    frame.role = None
+    frame.text += suffix
+    if frame.turn_images:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
+        parts += [
+            {"type": "image_url", "image_url": {"url": image.data_url}}
+            for image in frame.turn_images
+        ]
+        frame.messages.append({"role": expr.role, "content": parts})
+        frame.turn_images = []
+    else:
+        frame.messages.append({"role": expr.role, "content": content})
+
+
+def image(self: Executor, expr: SglImage) -> None:
+    image = load_image(expr.path)
+    self.frame.images.append(image)
+    self.frame.turn_images.append(image)
+    self.frame.text += self.chat_template.image_token
+
+
+def video(self: Executor, expr: SglVideo) -> None:
+    raise UnsupportedCapabilityError(
+        "video", self.backend.name, "sglrun ships no video decoder; pass frames as images"
+    )
+
+
 # The language's rules: one per node of the IR (``sglrun.lang.ir``).
 RULES: dict[type, Callable[[Executor, Any], None]] = {
     SglExprList: Executor.expr_list,
     SglConstantText: Executor.constant_text,
     SglGen: Executor.gen,
     SglSelect: Executor.select,
-    SglRoleBegin: Executor.role_begin,
-    SglRoleEnd: Executor.role_end,
-    SglImage: Executor.image,
-    SglVideo: Executor.video,
+    SglRoleBegin: role_begin,
+    SglRoleEnd: role_end,
+    SglImage: image,
+    SglVideo: video,
     SglVariable: Executor.variable,
     SglVarScopeBegin: Executor.var_scope_begin,
     SglVarScopeEnd: Executor.var_scope_end,

@@ -59,9 +59,9 @@ class LoopHub(Hub):
         self._take_inbox(block=False)
         if self._ready:
             self._run_ready()
-            self._flush(force=False)
+            self.batches.flush(force=False)
         if not self._ready:
-            self._flush(force=True)  # nothing else to run: send what is gathered
+            self.batches.flush(force=True)  # nothing else to run: send what is gathered
         if self._ready:
             self._notify()
 

@@ -1,0 +1,119 @@
+"""Batching on a hub: items that many tasks wait for, sent together.
+
+Why: SGLang's ``/generate`` takes a list of texts, so a hundred programs waiting for a hundred
+short answers can share one round trip. ``Hub.gather`` parks a task with its items; ``flush``
+sends the items gathered so far as one batch once they are worth it (half the live tasks) or
+once the hub has nothing else to run, with at most ``max_in_flight`` batches out per batcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import greenlet
+
+if TYPE_CHECKING:
+    from sglrun.lang.hub import Hub, Task
+
+__all__ = ["Batcher", "Batches", "Pending"]
+
+
+class Batcher(Protocol):
+    """What ``Hub.gather`` needs of whoever sends the batches. A batcher whose
+    ``send_together`` only waits through the hub (``wait_for``, ``run_blocking``) may say
+    ``cooperative = True``: its batches are then sent by a task of the hub, not a thread."""
+
+    max_batch: int
+    max_in_flight: int
+
+    def send_together(self, groups: Sequence[list[Any]]) -> list[Any]:
+        """Send every group's items in one go; return one outcome per group."""
+
+
+class Pending:
+    """One batcher's waiting groups and its batches in flight."""
+
+    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight")
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.groups: list[list[Any]] = []
+        self.waiters: list[tuple[Task, int]] = []
+        self.items = 0
+        self.in_flight = 0
+
+
+class Batches:
+    """The batches of one hub, per batcher."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._pending: dict[int, Pending] = {}
+
+    def gather(self, batcher: Batcher, items: list[Any]) -> Any:
+        """Queue ``items`` to go out with other tasks' items; return this group's outcome."""
+        pending = self._pending.get(id(batcher))
+        if pending is None:
+            pending = self._pending[id(batcher)] = Pending(batcher)
+        task = greenlet.getcurrent()
+        pending.groups.append(items)
+        pending.waiters.append((task, task.token))
+        pending.items += len(items)
+        return self.hub.park()
+
+    def _goal(self) -> int:
+        """Items worth a batch before the hub runs out of work: half the live tasks, so about
+        two batches are out while the hub runs the programs the last one answered."""
+        return max(4, self.hub.live // 2)
+
+    def flush(self, *, force: bool) -> None:
+        goal = self._goal()
+        for pending in self._pending.values():
+            batcher = pending.batcher
+            while pending.groups and pending.in_flight < batcher.max_in_flight:
+                if not force and pending.items < goal:
+                    break
+                self._send(pending, batcher.max_batch)
+
+    def _send(self, pending: Pending, max_batch: int) -> None:
+        """Hand the oldest groups (up to ``max_batch`` items) to a worker as one batch."""
+        groups = pending.groups
+        taken = count = 0
+        while taken < len(groups) and (not taken or count + len(groups[taken]) <= max_batch):
+            count += len(groups[taken])
+            taken += 1
+        batch, pending.groups = groups[:taken], groups[taken:]
+        waiters, pending.waiters = pending.waiters[:taken], pending.waiters[taken:]
+        pending.items -= count
+        pending.in_flight += 1
+        send_together = pending.batcher.send_together
+        cooperative = getattr(pending.batcher, "cooperative", False)
+        hub = self.hub
+        deliver = self._returned if cooperative else hub._put
+
+        def job() -> None:
+            try:
+                deliver((pending, 0, (waiters, send_together(batch)), None))
+            except BaseException as exc:  # noqa: BLE001 - every task of the batch sees it
+                deliver((pending, 0, (waiters, None), exc))
+
+        if cooperative:
+            hub.spawn_helper(job)  # a task, not counted in ``live``: it serves the others
+        else:
+            hub._submit(job)
+
+    def _returned(self, entry: tuple[Any, ...]) -> None:
+        """A batch came back on the hub's own thread (a sender task)."""
+        pending, _token, value, error = entry
+        self.returned(pending, value, error)
+        self.hub._notify()
+
+    def returned(self, pending: Pending, value: Any, error: BaseException | None) -> None:
+        """One outcome per task of a batch that came back (or its error for each)."""
+        pending.in_flight -= 1
+        waiters, outcomes = value
+        for position, (task, task_token) in enumerate(waiters):
+            outcome = None if error is not None else outcomes[position]
+            self.hub.ready(task, task_token, outcome, error)
+
