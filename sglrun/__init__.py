@@ -91,6 +91,7 @@ __all__ = [
     "video",
 ]
 
+
 def _backend(module: str, cls: str) -> Any:
     """A registry factory that imports its backend only when one is built."""
 
@@ -141,15 +142,39 @@ def _batch_progress(total: int, description: str) -> Any:
 global_config.batch_progress = _batch_progress
 
 _LAZY = {
-    **{name: "sglrun.lang.api" for name in (
-        "assistant", "assistant_begin", "assistant_end", "flush_cache", "function", "gen",
-        "gen_int", "gen_string", "get_server_info", "image", "select", "separate_reasoning",
-        "set_default_backend", "system", "system_begin", "system_end", "user", "user_begin",
-        "user_end", "video",
-    )},
-    **{name: "sglrun.lang.choices" for name in (
-        "greedy_token_selection", "token_length_normalized", "unconditional_likelihood_normalized",
-    )},
+    **{
+        name: "sglrun.lang.api"
+        for name in (
+            "assistant",
+            "assistant_begin",
+            "assistant_end",
+            "flush_cache",
+            "function",
+            "gen",
+            "gen_int",
+            "gen_string",
+            "get_server_info",
+            "image",
+            "select",
+            "separate_reasoning",
+            "set_default_backend",
+            "system",
+            "system_begin",
+            "system_end",
+            "user",
+            "user_begin",
+            "user_end",
+            "video",
+        )
+    },
+    **{
+        name: "sglrun.lang.choices"
+        for name in (
+            "greedy_token_selection",
+            "token_length_normalized",
+            "unconditional_likelihood_normalized",
+        )
+    },
     **{name: "sglrun.lang.ir" for name in ("REGEX_BOOL", "REGEX_FLOAT", "REGEX_INT", "REGEX_STR")},
     "ProgramState": "sglrun.lang.state",
     "ProgramStateGroup": "sglrun.lang.state",

@@ -1,6 +1,6 @@
 """``python -m sglrun``: the same as the ``sglrun`` command."""
 
-from sglrun.cli.app import main
+from sglrun.cli.entry import main
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,7 @@ def write_project(dirs, text: str) -> Path:
 def test_defaults_without_any_file(dirs):
     settings = load(dirs)
     assert settings.backend == "local"
-    assert settings.num_threads == "auto"
+    assert settings.concurrency == "auto"
     assert settings.temperature is None and settings.url is None
     assert set(settings.sources.values()) == {"default"}
     assert settings.files == []
@@ -86,7 +86,7 @@ def test_env_values_are_typed(dirs):
     assert settings.backend == "sglang"
     assert settings.url == ["http://a:30000", "http://b:30000"]
     assert settings.temperature == 0.0 and settings.max_new_tokens == 64
-    assert settings.num_threads == 4 and settings.stop == ["\n", "END"]
+    assert settings.concurrency == 4 and settings.stop == ["\n", "END"]
     assert settings.timeout == 30.0 and settings.retries == 0
     assert settings.sampling_params() == {
         "temperature": 0.0,
@@ -165,12 +165,12 @@ def test_api_key_in_file_is_refused_without_echoing_it(dirs):
     ("text", "key", "expected"),
     [
         ("temperature: hot\n", "temperature", "a number"),
-        ("max_new_tokens: 1.5\n", "max_new_tokens", "an integer"),
+        ("max_new_tokens: 1.5\n", "max_new_tokens", "an int >= 0"),
         ("num_threads: many\n", "num_threads", '"auto" or an integer'),
         ("url: 3\n", "url", "a string or a non-empty list of strings"),
         ("backend: llama\n", "backend", "one of local, sglang, openai, anthropic"),
         ("retries: true\n", "retries", "an integer"),
-        ("top_p: 0\n", "top_p", "a number > 0 and <= 1"),
+        ("top_p: 0\n", "top_p", "a number in (0, 1]"),
     ],
 )
 def test_wrong_type_names_file_key_and_type(dirs, text, key, expected):
@@ -217,7 +217,7 @@ def test_unknown_flag_is_a_programming_error(dirs):
     with pytest.raises(InvalidArgumentError, match="temp"):
         load(dirs, flags={"temp": 1})
     with pytest.raises(ConfigError, match="--max-new-tokens"):
-        load(dirs, flags={"max_new_tokens": 0})
+        load(dirs, flags={"max_new_tokens": -1})
 
 
 def test_masked_shows_name_and_status_never_the_key(dirs):
@@ -267,3 +267,76 @@ def test_coalesce_from_file_and_environment(dirs):
     with pytest.raises(ConfigError, match="key 'coalesce' must be true or false, got str"):
         load(dirs)
 
+
+
+def test_engine_settings_from_file_env_and_flags_reach_the_backend(dirs):
+    from sglrun.cli.loader import backend_options
+
+    write_project(dirs, "engine_threads: 3\nslots: 4\nctx_size: 4096\n")
+    settings = load(dirs)
+    options = backend_options(settings)
+    assert (options.engine_threads, options.slots, options.ctx_size) == (3, 4, 4096)
+    env = {"SGLRUN_ENGINE_THREADS": "1", "SGLRUN_SLOTS": "2", "SGLRUN_CTX_SIZE": "1024"}
+    settings = load(dirs, env=env)
+    assert (settings.engine_threads, settings.slots, settings.ctx_size) == (1, 2, 1024)
+    assert settings.sources["slots"] == "env SGLRUN_SLOTS"
+    settings = load(dirs, env=env, flags={"engine_threads": "auto", "slots": 8})
+    assert backend_options(settings).engine_threads is None  # auto: chosen at start
+    assert settings.slots == 8 and settings.sources["slots"] == "flag --slots"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("slots: 0\n", "an integer >= 1"), ("ctx_size: 10\n", "an integer >= 256"),
+     ("engine_threads: none\n", '"auto" or an integer')],
+)  # fmt: skip
+def test_bad_engine_settings_name_the_key(dirs, text, expected):
+    write_project(dirs, text)
+    with pytest.raises(ConfigError, match=expected):
+        load(dirs)
+
+
+def test_num_threads_is_an_alias_of_concurrency(dirs):
+    write_project(dirs, "num_threads: 7\n")
+    assert load(dirs).concurrency == 7
+    assert load(dirs, env={"SGLRUN_NUM_THREADS": "5"}).concurrency == 5
+    both = {"SGLRUN_NUM_THREADS": "5", "SGLRUN_CONCURRENCY": "6"}
+    assert load(dirs, env=both).concurrency == 6  # the current name wins
+    assert load(dirs, flags={"num_threads": "3"}).concurrency == 3
+    with pytest.raises(ConfigError, match="'num_threads'"):  # named as the user wrote it
+        write_project(dirs, "num_threads: lots\n")
+        load(dirs)
+
+
+def test_config_show_describes_the_engine(dirs, monkeypatch):
+    from sglrun.cli.loader import describe_engine
+
+    write_project(dirs, "engine_threads: 1\nslots: 2\n")
+    line = describe_engine(load(dirs))
+    assert line.endswith("1 threads, 2 slots, context 4096 tokens (2048 per slot)")
+    assert ".gguf" in line
+    auto = describe_engine(load(dirs, flags={"engine_threads": "auto"}))
+    assert "auto = " in auto and " threads" in auto
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_new_tokens", 0), ("max_new_tokens", -1), ("top_k", 0), ("top_k", -1), ("top_p", 1.5),
+     ("temperature", -0.1), ("temperature", 0)],
+)  # fmt: skip
+def test_settings_and_gen_share_one_rule_table(dirs, key, value):
+    """A value the language takes in gen() is taken in a settings file, and only those."""
+    import sglrun as sgl
+
+    try:
+        sgl.gen("x", **{"max_tokens" if key == "max_new_tokens" else key: value})
+        language_ok = True
+    except sgl.errors.InvalidArgumentError:
+        language_ok = False
+    write_project(dirs, f"{key}: {value}\n")
+    try:
+        load(dirs)
+        settings_ok = True
+    except ConfigError:
+        settings_ok = False
+    assert language_ok == settings_ok

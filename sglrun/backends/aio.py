@@ -53,7 +53,7 @@ def run_async(factory: Callable[[], Awaitable[T]]) -> T:
     blocks. Never from the I/O loop's own code outside a task (it would wait for itself)."""
     if on_io_thread() and current_task() is None:
         raise RuntimeError("run_async called from the I/O loop itself")
-    return wait_for(lambda resume: spawn_async(factory, resume))  # type: ignore[no-any-return]
+    return wait_for(lambda resume: spawn_async(factory, resume))  # type: ignore[arg-type,no-any-return]
 
 
 def _outcome(future: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:
@@ -61,4 +61,3 @@ def _outcome(future: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:
         return None, asyncio.CancelledError("the request was cancelled")
     error = future.exception()
     return (None, error) if error is not None else (future.result(), None)
-

@@ -14,9 +14,8 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from sglrun.backends.common import TokenUsage, match_choice
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
-from sglrun.backends.openai import TokenUsage
-from sglrun.backends.openai_constraints import match_choice
 from sglrun.errors import InvalidArgumentError, TransportError, UnsupportedCapabilityError
 from sglrun.lang.backend import (
     Backend,
@@ -93,6 +92,12 @@ class Anthropic(Backend):
     def get_model_name(self) -> str:
         return self.model_name
 
+    #: The Messages API has no grammar, schema, logprobs, several samples or stop tokens.
+    capabilities = frozenset({"images", "select", "prefill"})
+
+    def capability_hint(self, capability: str) -> str:
+        return f"the Messages API has no {capability.replace('_', ' ')}"
+
     def concurrency_hint(self) -> int:
         """16 programs in flight: the API's rate limits bind long before its capacity."""
         return 16
@@ -125,8 +130,10 @@ class Anthropic(Backend):
             raise self._unsupported("stop_token_ids")
         if params.return_logprob:
             raise self._unsupported("return_logprob")
-        body: dict[str, Any] = {"model": self.model_name,
-                                "max_tokens": params.max_new_tokens or 128}
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "max_tokens": params.max_new_tokens or 128,
+        }
         if params.stop:
             body["stop_sequences"] = list(params.stop)
         # Newer models refuse temperature and top_p together: top_p goes only when it is set
@@ -138,18 +145,19 @@ class Anthropic(Backend):
             body["top_p"] = params.top_p
         if params.top_k is not None and params.top_k > 0:
             body["top_k"] = params.top_k
-        for name, value in (("frequency_penalty", params.frequency_penalty),
-                            ("presence_penalty", params.presence_penalty),
-                            ("min_p", params.min_p), ("min_new_tokens", params.min_new_tokens),
-                            ("ignore_eos", params.ignore_eos)):
+        for name, value in (
+            ("frequency_penalty", params.frequency_penalty),
+            ("presence_penalty", params.presence_penalty),
+            ("min_p", params.min_p),
+            ("min_new_tokens", params.min_new_tokens),
+            ("ignore_eos", params.ignore_eos),
+        ):
             if value and name not in self._warned:
                 self._warned.add(name)
-                logger.warning("Anthropic backend: %s=%s is ignored (not in the API)",
-                               name, value)
+                logger.warning("Anthropic backend: %s=%s is ignored (not in the API)", name, value)
         return body
 
-    def _messages(self, request: GenerateRequest | SelectRequest, body: dict[str, Any]
-                  ) -> str:
+    def _messages(self, request: GenerateRequest | SelectRequest, body: dict[str, Any]) -> str:
         """Fill ``body`` with system and messages; returns the whitespace cut from the end of
         the prefill (the API refuses a final assistant turn ending in whitespace)."""
         system: list[str] = []
@@ -158,22 +166,26 @@ class Anthropic(Backend):
             if message["role"] == "system":
                 system.append(_text(message["content"]))
             else:
-                messages.append({"role": message["role"],
-                                 "content": _content(message["content"])})
+                messages.append({"role": message["role"], "content": _content(message["content"])})
         if not request.messages and request.role is None:
             messages.append({"role": "user", "content": request.prompt})
         cut = ""
         if request.role not in (None, "assistant"):
             raise UnsupportedCapabilityError(
-                f"gen inside a {request.role} turn", self.name,
+                f"gen inside a {request.role} turn",
+                self.name,
                 "Claude generates only in an assistant turn (use sgl.assistant)",
             )
         if request.role == "assistant" and request.role_text.strip():
             prefill = request.role_text.rstrip()
-            cut = request.role_text[len(prefill):]
+            cut = request.role_text[len(prefill) :]
             messages.append({"role": "assistant", "content": prefill})
-        referenced = {_image_key(part) for m in messages if isinstance(m["content"], list)
-                      for part in m["content"]}
+        referenced = {
+            _image_key(part)
+            for m in messages
+            if isinstance(m["content"], list)
+            for part in m["content"]
+        }
         extra = [img for img in request.images if img.base64_data not in referenced]
         if extra:
             target = next((m for m in reversed(messages) if m["role"] == "user"), None)
@@ -183,8 +195,16 @@ class Anthropic(Backend):
             content = target["content"]
             parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
             target["content"] = parts + [
-                {"type": "image", "source": {"type": "base64", "media_type": img.mime_type,
-                                             "data": img.base64_data}} for img in extra]
+                {
+                    "type": "image",
+                    "source": {
+                        "type": "base64",
+                        "media_type": img.mime_type,
+                        "data": img.base64_data,
+                    },
+                }
+                for img in extra
+            ]
         if system:
             body["system"] = "\n\n".join(system)
         body["messages"] = messages
@@ -198,8 +218,9 @@ class Anthropic(Backend):
         if n > 1:  # the API has no n: ask n times
             results = [self.generate(_with_n1(request)) for _ in range(n)]
             meta = dict(results[0].meta_info)
-            meta["completion_tokens"] = sum(r.meta_info.get("completion_tokens") or 0
-                                            for r in results)
+            meta["completion_tokens"] = sum(
+                r.meta_info.get("completion_tokens") or 0 for r in results
+            )
             meta["finish_reasons"] = [r.meta_info.get("finish_reason") for r in results]
             return GenerateResult([str(r.text) for r in results], meta)
         body = self._params(request.params)
@@ -209,17 +230,22 @@ class Anthropic(Backend):
         answer = self.transport.request("POST", "/v1/messages", body)
         if not isinstance(answer, dict) or not isinstance(answer.get("content"), list):
             raise TransportError("/v1/messages answered without content")
-        text = "".join(block.get("text", "") for block in answer["content"]
-                       if block.get("type") == "text")
+        text = "".join(
+            block.get("text", "") for block in answer["content"] if block.get("type") == "text"
+        )
         usage = answer.get("usage") or {}
         self.token_usage.add(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
-        return GenerateResult(_restore(text, cut), {
-            "id": answer.get("id"),
-            "prompt_tokens": usage.get("input_tokens"),
-            "completion_tokens": usage.get("output_tokens"),
-            "finish_reason": _finish(answer.get("stop_reason"), answer.get("stop_sequence"),
-                                     body),
-        })
+        return GenerateResult(
+            _restore(text, cut),
+            {
+                "id": answer.get("id"),
+                "prompt_tokens": usage.get("input_tokens"),
+                "completion_tokens": usage.get("output_tokens"),
+                "finish_reason": _finish(
+                    answer.get("stop_reason"), answer.get("stop_sequence"), body
+                ),
+            },
+        )
 
     def _stream(self, body: dict[str, Any], cut: str, on_chunk: ChunkCallback) -> GenerateResult:
         body = {**body, "stream": True}
@@ -256,12 +282,15 @@ class Anthropic(Backend):
             elif kind == "message_stop":
                 break
         self.token_usage.add(input_tokens, output_tokens)
-        return GenerateResult(text, {
-            "id": ident,
-            "prompt_tokens": input_tokens,
-            "completion_tokens": output_tokens,
-            "finish_reason": _finish(stop_reason, stop_sequence, body),
-        })
+        return GenerateResult(
+            text,
+            {
+                "id": ident,
+                "prompt_tokens": input_tokens,
+                "completion_tokens": output_tokens,
+                "finish_reason": _finish(stop_reason, stop_sequence, body),
+            },
+        )
 
     # ---------------------------------------------------------------- select
     def select(self, request: SelectRequest) -> ChoicesDecision:
@@ -269,11 +298,17 @@ class Anthropic(Backend):
         choices = list(request.choices)
         if not choices:
             raise InvalidArgumentError("select needs at least one choice")
-        params = SamplingParams.defaults(max_new_tokens=max(len(c) for c in choices) + 8,
-                                         temperature=request.temperature)
-        generate = GenerateRequest(prompt=request.prompt, params=params,
-                                   messages=request.messages, role=request.role,
-                                   role_text=request.role_text, images=request.images)
+        params = SamplingParams.defaults(
+            max_new_tokens=max(len(c) for c in choices) + 8, temperature=request.temperature
+        )
+        generate = GenerateRequest(
+            prompt=request.prompt,
+            params=params,
+            messages=request.messages,
+            role=request.role,
+            role_text=request.role_text,
+            images=request.images,
+        )
         text = str(self.generate(generate).text)
         decision, how = match_choice(text, choices)
         return ChoicesDecision(decision, {"strategy": "generate", **how})
@@ -302,8 +337,16 @@ def _content(content: Any) -> Any:
             url = (part.get("image_url") or {}).get("url", "")
             match = _DATA_URL.match(url)
             if match:
-                blocks.append({"type": "image", "source": {
-                    "type": "base64", "media_type": match["mime"], "data": match["data"]}})
+                blocks.append(
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "base64",
+                            "media_type": match["mime"],
+                            "data": match["data"],
+                        },
+                    }
+                )
             else:
                 blocks.append({"type": "image", "source": {"type": "url", "url": url}})
         elif part.get("type") == "text":
@@ -326,12 +369,13 @@ def _restore(text: str, cut: str) -> str:
     if not cut:
         return text
     if text.startswith(cut):
-        return text[len(cut):]
+        return text[len(cut) :]
     return text.lstrip() if text[:1].isspace() else text
 
 
-def _finish(reason: str | None, sequence: str | None, body: dict[str, Any]
-            ) -> dict[str, Any] | None:
+def _finish(
+    reason: str | None, sequence: str | None, body: dict[str, Any]
+) -> dict[str, Any] | None:
     if reason is None:
         return None
     if reason == "max_tokens":

@@ -65,9 +65,7 @@ class Timeout:
                 return cls(connect, read, connect + read)
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return cls(min(float(value), DEFAULT_TIMEOUT[0]), float(value), float(value))
-        raise InvalidArgumentError(
-            f"timeout must be seconds > 0 or (connect, read), not {value!r}"
-        )
+        raise InvalidArgumentError(f"timeout must be seconds > 0 or (connect, read), not {value!r}")
 
 
 class SSEEvent(NamedTuple):
@@ -180,7 +178,8 @@ class EndpointPool:
                 endpoint.cooldown_until = self._clock() + endpoint.cooldown
                 if len(self.endpoints) > 1:
                     logger.info(
-                        "endpoint %s rests for %.1f s after a failure", endpoint.url,
+                        "endpoint %s rests for %.1f s after a failure",
+                        endpoint.url,
                         endpoint.cooldown,
                     )
             else:

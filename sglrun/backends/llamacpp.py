@@ -28,6 +28,7 @@ each token; all choices run in parallel.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -56,12 +57,14 @@ from sglrun.backends.llamacpp_support import (
     CTX_PER_SLOT,
     DEFAULT_SLOTS,
     GREEDY,
+    EngineGate,
     ForcedScoring,
     StopWatcher,
     check_int,
     check_number,
     default_threads,
     logprob_entry,
+    signals_held,
     top_entries,
 )
 from sglrun.backends.model_path import resolve_model_path
@@ -86,7 +89,7 @@ if TYPE_CHECKING:
     from sglrun.lang.chat_template import ChatTemplate
     from sglrun.lang.registry import BackendOptions
 
-__all__ = ["CTX_PER_SLOT", "DEFAULT_SLOTS", "LlamaCpp", "default_threads"]
+__all__ = ["CTX_PER_SLOT", "DEFAULT_SLOTS", "LlamaCpp", "close_live_engines", "default_threads"]
 
 logger = logging.getLogger("sglrun.backends")
 
@@ -124,13 +127,39 @@ class _Segment:
     id: str = ""
 
 
-def _close_engine(holder: list[Any], pool: ThreadPoolExecutor, slot_dir: str) -> None:
+#: How long closing the engine waits for calls that cannot be cancelled (non-streaming ones
+#: end within their max_new_tokens); a process exiting with the engine busy waits this long.
+CLOSE_TIMEOUT = 30.0
+
+
+def _close_engine(
+    holder: list[Any], gate: EngineGate, pool: ThreadPoolExecutor, slot_dir: str
+) -> bool:
+    """Free the engine once no thread is inside it; False (engine left alone) if some
+    thread still is after ``CLOSE_TIMEOUT``."""
     pool.shutdown(wait=False, cancel_futures=True)
+    if holder and not gate.close(CLOSE_TIMEOUT):
+        logger.warning("the embedded engine is still busy; it is left to the process exit")
+        return False
     holder.clear()  # the last reference: the engine stops its loop and frees the model
     shutil.rmtree(slot_dir, ignore_errors=True)
+    return True
 
 
-class LlamaCpp(ForcedScoring, Backend):
+_LIVE_ENGINES: weakref.WeakSet[LlamaCpp] = weakref.WeakSet()
+
+
+@atexit.register
+def close_live_engines() -> bool:
+    """Stop every engine in order (streaming calls end at their next token, the rest are
+    waited for); False if one is still busy. Runs at exit before the interpreter finalizes,
+    while threads coming back from the engine can still take the GIL."""
+    for engine in list(_LIVE_ENGINES):
+        engine.shutdown()
+    return not any(engine.busy for engine in list(_LIVE_ENGINES))
+
+
+class LlamaCpp(Backend):
     """A GGUF model run in-process by llama.cpp (the default backend)."""
 
     name = "embedded llama.cpp"
@@ -146,12 +175,19 @@ class LlamaCpp(ForcedScoring, Backend):
         chat_template_name: str | None = None,
         verbose: bool = False,
         prompt_cache_mib: int = 1024,
+        reproducible: bool = False,
     ) -> None:
+        if not isinstance(reproducible, bool):
+            raise InvalidArgumentError("reproducible must be a bool")
+        # Greedy output depends on what the engine computes together: sequences decoded in
+        # one batch, and a prompt prefix reused from the KV cache, take other floating-point
+        # paths than one sequence computed alone. Reproducible: one slot, no prompt reuse.
+        self.reproducible = reproducible
+        if reproducible:
+            n_parallel, prompt_cache_mib = 1, 0
         self.n_parallel = check_int("n_parallel", n_parallel, 1)
         self.prompt_cache_mib = check_int("prompt_cache_mib", prompt_cache_mib, 0)
-        self.n_ctx = (
-            check_int("n_ctx", n_ctx, 256, optional=True) or self.n_parallel * CTX_PER_SLOT
-        )
+        self.n_ctx = check_int("n_ctx", n_ctx, 256, optional=True) or self.n_parallel * CTX_PER_SLOT
         self.n_threads = check_int("n_threads", n_threads, 1, optional=True) or default_threads()
         if chat_template_name is not None and not isinstance(chat_template_name, str):
             raise InvalidArgumentError("chat_template_name must be a str or None")
@@ -186,20 +222,27 @@ class LlamaCpp(ForcedScoring, Backend):
         params.api_keys = [self._api_key]
         self._slot_dir = tempfile.mkdtemp(prefix="sglrun-llamacpp-")
         params.slot_save_path = self._slot_dir  # enables the slot "erase" action (flush_cache)
-        try:
-            server = xlc.Server(params)
-        except Exception as exc:
-            shutil.rmtree(self._slot_dir, ignore_errors=True)
-            raise BackendError(
-                f"llama.cpp could not load {str(self.model_path)!r}: {exc}"
-            ) from None
-        self._holder: list[Any] = [server]
+        # Signals wait while the engine starts (its threads inherit the mask, so they never
+        # take one): a Ctrl-C inside the native constructor left it waiting forever. The
+        # engine is registered for shutdown before a held signal can be raised here.
+        with signals_held():
+            try:
+                server = xlc.Server(params)
+            except Exception as exc:
+                shutil.rmtree(self._slot_dir, ignore_errors=True)
+                raise BackendError(
+                    f"llama.cpp could not load {str(self.model_path)!r}: {exc}"
+                ) from None
+            self._holder: list[Any] = [server]
+            self._gate = EngineGate()
+            self._pool = ThreadPoolExecutor(self.n_parallel, thread_name_prefix="sglrun-llamacpp")
+            self._finalizer = weakref.finalize(
+                self, _close_engine, self._holder, self._gate, self._pool, self._slot_dir
+            )
+            self._finalizer.atexit = False  # close_live_engines does it earlier, in order
+            _LIVE_ENGINES.add(self)
         self._address = str(server.listening_address).rstrip("/")
         self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        self._pool = ThreadPoolExecutor(self.n_parallel, thread_name_prefix="sglrun-llamacpp")
-        self._finalizer = weakref.finalize(
-            self, _close_engine, self._holder, self._pool, self._slot_dir
-        )
         self._lock = threading.Lock()
         # Built with LLGuidance? Then llama.cpp turns JSON schemas into LLGuidance grammars.
         try:
@@ -208,6 +251,12 @@ class LlamaCpp(ForcedScoring, Backend):
             self._llguidance = False
         self._compiled: dict[str, bool] = {}
         self._pieces: dict[int, str] = {}
+        self.scoring = ForcedScoring(
+            completions=self._call,
+            complete=self._complete,
+            tokenize=self.tokenize,
+            piece=self._piece,
+        )
         logger.info(
             "embedded engine: %s, %d threads, %d slots, context %d tokens (%d per slot)",
             self.model_path, self.n_threads, self.n_parallel, self.n_ctx,
@@ -224,9 +273,25 @@ class LlamaCpp(ForcedScoring, Backend):
 
     def _engine(self) -> Any:
         holder = self._holder
-        if not holder:
+        if not holder or self._gate.closing:
             raise BackendError("the embedded llama.cpp engine was shut down")
         return holder[0]
+
+    def _call(self, body: dict[str, Any], on_event: Callable[[Any], bool] | None = None) -> Any:
+        """The engine's completion handler, counted by the gate; a streaming call stops at
+        its next token once the engine is closing."""
+        gate = self._gate
+        if self.reproducible:
+            body = dict(body, cache_prompt=False)
+        with gate.entered():
+            engine = self._engine()
+            if on_event is None:
+                return engine.handle_completions(body)
+
+            def until_closing(event: Any) -> bool:
+                return gate.closing or on_event(event)
+
+            return engine.handle_completions(body, until_closing)
 
     def _http_json(self, method: str, path: str, body: Any = None) -> Any:
         self._engine()
@@ -266,7 +331,7 @@ class LlamaCpp(ForcedScoring, Backend):
         )
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        answer = self._engine().handle_completions(body)
+        answer = self._call(body)
         if "choices" not in answer:
             raise self._fail(answer)
         return answer
@@ -315,9 +380,11 @@ class LlamaCpp(ForcedScoring, Backend):
                 return True
 
         if on_chunk is None and not watcher.active:  # one answer: no per-token callbacks
-            on_event(self._engine().handle_completions(dict(body, stream=False)))
+            on_event(self._call(dict(body, stream=False)))
         else:
-            self._engine().handle_completions(dict(body, stream=True), on_event)
+            self._call(dict(body, stream=True), on_event)
+            if self._gate.closing and not failures and segment.finish is None:
+                raise BackendError("the embedded llama.cpp engine was shut down")
         if failures:
             if isinstance(failures[0], BaseException):
                 raise failures[0]
@@ -454,7 +521,11 @@ class LlamaCpp(ForcedScoring, Backend):
         inputs: Future | None = None
         if plan.return_logprob and plan.logprob_start_len >= 0:
             inputs = self._pool.submit(
-                self._input_logprobs, prompt, plan.logprob_start_len, plan.top_n, plan.with_text
+                self.scoring.input_logprobs,
+                prompt,
+                plan.logprob_start_len,
+                plan.top_n,
+                plan.with_text,
             )
         if plan.n == 1:
             text, meta = self._sample(prompt, plan, on_chunk)
@@ -484,8 +555,8 @@ class LlamaCpp(ForcedScoring, Backend):
             on_chunk is None and not plan.stop_regex and not stop_ids and plan.min_new == 0
             and isinstance(self._native_match(plan.stop), str)
         )  # fmt: skip
-        watcher = StopWatcher((), (), ()) if native else StopWatcher(
-            plan.stop, plan.stop_regex, stop_ids
+        watcher = (
+            StopWatcher((), (), ()) if native else StopWatcher(plan.stop, plan.stop_regex, stop_ids)
         )
         want_ids = plan.return_logprob or watcher.needs_token_ids
         base = dict(plan.body, prompt=prompt)
@@ -568,11 +639,11 @@ class LlamaCpp(ForcedScoring, Backend):
         self._check_images(request.images)
         prompt_ids = self.tokenize(request.prompt)
         conditional = self._map(
-            lambda choice: self._score_choice(request.prompt, prompt_ids, choice), choices
+            lambda choice: self.scoring.score_choice(request.prompt, prompt_ids, choice), choices
         )
         unconditional = None
         if request.choices_method.requires_unconditional_logprobs:
-            unconditional = self._map(self._score_alone, conditional)
+            unconditional = self._map(self.scoring.score_alone, conditional)
         return decide(request.choices_method, list(choices), conditional, unconditional)
 
     def _map(self, func: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -605,8 +676,16 @@ class LlamaCpp(ForcedScoring, Backend):
             "n_ctx": self.n_ctx,
             "n_ctx_per_slot": self._n_ctx_slot,
             "n_threads": self.n_threads,
+            "reproducible": self.reproducible,
             "running": bool(self._holder),
         }
+
+    def supports(self, capability: str) -> bool:
+        """Everything the language has, images only for a model that can see."""
+        return capability != "images" or bool(getattr(self, "_vision", False))
+
+    def capability_hint(self, capability: str) -> str:
+        return "this model cannot take images" if capability == "images" else ""
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> LlamaCpp:
@@ -616,6 +695,7 @@ class LlamaCpp(ForcedScoring, Backend):
             n_parallel=options.slots or DEFAULT_SLOTS,
             n_ctx=options.ctx_size,
             n_threads=options.engine_threads,
+            reproducible=options.reproducible,
         )
 
     def concurrency_hint(self) -> int:
@@ -624,8 +704,14 @@ class LlamaCpp(ForcedScoring, Backend):
         return 2 * self.n_parallel
 
     def shutdown(self) -> None:
-        """Stop the engine and free the model; safe to call more than once."""
+        """Stop the engine and free the model; safe to call more than once. Calls in flight
+        are stopped (streaming ones at their next token) or waited for, never cut off."""
         self._finalizer()
+
+    @property
+    def busy(self) -> bool:
+        """True while some thread is inside the engine (after ``shutdown``: it was left)."""
+        return self._gate.inside > 0
 
     def __repr__(self) -> str:
         return f"LlamaCpp({str(self.model_path)!r}, n_parallel={self.n_parallel})"

@@ -12,10 +12,13 @@ prompt tokens) by forcing them with a token grammar.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sglrun.backends.grammar import token_grammar
@@ -237,6 +240,60 @@ def check_number(name: str, value: Any, default: float) -> float:
     return float(value)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP on this thread (delivered when the block ends)."""
+    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class EngineGate:
+    """Counts the threads inside the engine, so that it is freed only when none is.
+
+    Freeing llama.cpp's server while a thread is in ``handle_completions`` (or about to run a
+    token callback) crashes the process, and so does a thread coming back from the engine
+    after the interpreter began to finalize: Python 3.11 ends it with ``pthread_exit``, whose
+    unwinding the engine's C++ ``catch (...)`` blocks cannot pass ("FATAL: exception not
+    rethrown", then abort). ``close`` therefore refuses new calls, makes streaming calls stop
+    at their next token (``closing``), and waits for the rest."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._inside = 0
+        self.closing = False
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        with self._changed:
+            if self.closing:
+                raise BackendError("the embedded llama.cpp engine was shut down")
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._inside -= 1
+                self._changed.notify_all()
+
+    @property
+    def inside(self) -> int:
+        return self._inside
+
+    def close(self, timeout: float | None) -> bool:
+        """Refuse new calls and wait up to ``timeout`` s for those inside; True once none
+        is."""
+        with self._changed:
+            self.closing = True
+            return self._changed.wait_for(lambda: self._inside == 0, timeout)
+
+
 GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
 Logprob = tuple[Any, int, Any]
 
@@ -244,13 +301,22 @@ Logprob = tuple[Any, int, Any]
 class ForcedScoring:
     """Log-probabilities measured by forcing known tokens: a token grammar admits only them,
     and at temperature 0 the engine reports the model's own (unconstrained) logprob of each.
-    This scores ``select`` choices and prompt tokens. The host class supplies ``_engine``,
-    ``_complete`` (one checked engine call), ``tokenize`` and ``_piece`` (a token's text)."""
+    This scores ``select`` choices and prompt tokens. It is given what it uses of the engine:
+    ``completions(body, on_event=None)`` (llama.cpp's completion handler), ``complete(body)``
+    (one checked call), ``tokenize(text)`` and ``piece(token)`` (a token's text)."""
 
-    _complete: Callable[[dict[str, Any]], dict[str, Any]]
-    _engine: Callable[[], Any]
-    _piece: Callable[[int], str]
-    tokenize: Callable[..., list[int]]
+    def __init__(
+        self,
+        *,
+        completions: Callable[..., Any],
+        complete: Callable[[dict[str, Any]], dict[str, Any]],
+        tokenize: Callable[..., list[int]],
+        piece: Callable[[int], str],
+    ) -> None:
+        self._completions = completions
+        self._complete = complete
+        self.tokenize = tokenize
+        self._piece = piece
 
     def _force(self, context: Sequence[int], forced: Sequence[int], top_n: int = 1) -> list[dict]:
         """The model's own logprob record of each ``forced`` token following ``context``."""
@@ -279,7 +345,7 @@ class ForcedScoring:
 
         body = dict(GREEDY, prompt=prompt, max_tokens=len(tokens) + 1, stream=True)
         body.update(grammar=token_grammar(tokens), logprobs=max(1, top_n), cache_prompt=True)
-        self._engine().handle_completions(body, on_event)
+        self._completions(body, on_event)
         return records
 
     def _forced_one(self, prompt: list[int], token: int, top_n: int) -> list[dict]:
@@ -291,7 +357,7 @@ class ForcedScoring:
             raise BackendError(f"the engine could not be made to produce token {token}")
         return content[:1]
 
-    def _input_logprobs(
+    def input_logprobs(
         self, prompt: str, start: int, top_n: int, with_text: bool
     ) -> tuple[list[Logprob], list[Any]]:
         """Prompt-token logprobs from ``logprob_start_len`` on; the first token has none."""
@@ -310,7 +376,7 @@ class ForcedScoring:
                 tops.append(top_entries(record, top_n, with_text, self._piece))
         return values, tops
 
-    def _score_choice(self, prompt: str, prompt_ids: list[int], choice: str) -> list[Logprob]:
+    def score_choice(self, prompt: str, prompt_ids: list[int], choice: str) -> list[Logprob]:
         """Logprobs of the choice's tokens after the prompt (tokenized together, as SGLang)."""
         full = self.tokenize(prompt + choice) if choice else list(prompt_ids)
         shared = 0
@@ -324,7 +390,7 @@ class ForcedScoring:
         records = self._force(full[:shared], full[shared:]) if shared < len(full) else []
         return head + [logprob_entry(r, True, self._piece) for r in records]
 
-    def _score_alone(self, scored: list[Logprob]) -> list[Logprob]:
+    def score_alone(self, scored: list[Logprob]) -> list[Logprob]:
         """The same tokens with no prompt: the first has no logprob (as in SGLang)."""
         if not scored:
             return []

@@ -1,27 +1,18 @@
 """``OpenAI``: any server speaking the OpenAI HTTP API (OpenAI itself, llama.cpp, vLLM, ...).
 
 Chat mode posts ``request.messages`` (plus the open assistant turn) to /v1/chat/completions;
-completion mode posts ``request.prompt`` to /v1/completions. Constraints use what the server
-has, chosen by ``constraint_dialect`` (detected from GET /v1/models or /props when "auto"):
-
-==========  =====================  ===================  ==============================
-dialect     regex / dtype          json_schema          select on a chat model
-==========  =====================  ===================  ==============================
-llamacpp    ``grammar`` (GBNF)     ``json_schema``      logprobs of each choice's tokens
-vllm        ``guided_regex``       ``guided_json``      ``guided_choice``
-none        unsupported            chat only            generation + matching
-==========  =====================  ===================  ==============================
-
-(``json_schema`` always goes as ``response_format`` on chat models.) ``select`` on completion
-models scores each choice's log-probability and applies ``choices_method``: llama.cpp forces
-the choice's exact tokens with a token grammar (``<[id]>``) and reports their log-probabilities;
-other servers echo the prompt with logprobs. ``select_strategy="constrained"`` instead decodes
-once under a grammar ``"A" | "B"`` (llama.cpp) or ``guided_choice`` (vLLM).
+completion mode posts ``request.prompt`` to /v1/completions. What a server takes beyond the
+OpenAI API (grammars, prefills, guided choices) is its dialect (``openai_dialects.py``),
+chosen by ``constraint_dialect`` or detected from GET /v1/models or /props ("auto").
+``select`` on completion models scores each choice's log-probability and applies
+``choices_method``: llama.cpp forces the choice's exact tokens with a token grammar
+(``<[id]>``) and reports their log-probabilities; other servers echo the prompt with
+logprobs. ``select_strategy="constrained"`` instead decodes once under the dialect's choice
+constraint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -30,14 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from sglrun.backends.common import TokenUsage, apply_dtype, match_choice
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
-from sglrun.backends.openai_constraints import (
+from sglrun.backends.openai_dialects import (
+    DIALECTS,
+    Dialect,
     PrefillStripper,
-    apply_dtype,
-    choices_gbnf,
-    match_choice,
     openai_logprobs,
-    regex_to_gbnf,
     strip_prefill,
     token_gbnf,
 )
@@ -61,34 +51,13 @@ from sglrun.lang.ir import SamplingParams
 if TYPE_CHECKING:
     from sglrun.lang.registry import BackendOptions
 
-__all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]
+__all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]  # TokenUsage: from common
 
 logger = logging.getLogger("sglrun.backends")
 
-DIALECTS = ("llamacpp", "vllm", "none")
 SELECT_STRATEGIES = ("auto", "constrained", "logprobs", "generate")
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_CONCURRENCY = 32
-
-
-@dataclasses.dataclass
-class TokenUsage:
-    """Tokens used so far (thread-safe counters, like SGLang's ``TokenUsage``)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    _lock: threading.Lock = dataclasses.field(
-        default_factory=threading.Lock, repr=False, compare=False
-    )
-
-    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
-        with self._lock:
-            self.prompt_tokens += int(prompt_tokens or 0)
-            self.completion_tokens += int(completion_tokens or 0)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.prompt_tokens = self.completion_tokens = 0
 
 
 def guess_is_chat_model(model_name: str) -> bool:
@@ -130,7 +99,7 @@ class OpenAI(Backend):
     ) -> None:
         if constraint_dialect not in (*DIALECTS, "auto"):
             raise InvalidArgumentError(
-                f"constraint_dialect must be one of {DIALECTS + ('auto',)}, "
+                f"constraint_dialect must be one of {(*DIALECTS, 'auto')}, "
                 f"not {constraint_dialect!r}"
             )
         if select_strategy not in SELECT_STRATEGIES:
@@ -150,7 +119,10 @@ class OpenAI(Backend):
             )
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.transport = HTTPTransport(
-            [root for root, _ in split], headers=headers, timeout=timeout, retries=retries,
+            [root for root, _ in split],
+            headers=headers,
+            timeout=timeout,
+            retries=retries,
             verify=verify,
         )
         self.is_chat_model = (
@@ -199,8 +171,13 @@ class OpenAI(Backend):
         return get_chat_template_by_model_path(self.model_name)
 
     def get_server_info(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model_name, "dialect": self.dialect,
-                "chat": self.is_chat_model, "endpoints": self.transport.pool.urls}
+        return {
+            "backend": self.name,
+            "model": self.model_name,
+            "dialect": self.dialect,
+            "chat": self.is_chat_model,
+            "endpoints": self.transport.pool.urls,
+        }
 
     @property
     def stats(self) -> Any:
@@ -275,17 +252,34 @@ class OpenAI(Backend):
             logger.warning("%s backend: %s", self.name, message)
 
     # ------------------------------------------------------------- payloads
-    def _unsupported(self, capability: str, hint: str) -> UnsupportedCapabilityError:
-        return UnsupportedCapabilityError(
-            capability, self.name, f"{hint} (server dialect: {self.dialect})"
-        )
+    @property
+    def speaks(self) -> Dialect:
+        """The server's dialect, as the object that knows its parameters."""
+        return DIALECTS[self.dialect]
+
+    def supports(self, capability: str) -> bool:
+        if capability == "json_schema" and self.is_chat_model:
+            return True  # response_format, on every server
+        if capability == "images":
+            return self.is_chat_model
+        return self.speaks.supports(capability)
+
+    def capability_hint(self, capability: str) -> str:
+        if capability == "images":
+            return "completion models take no images; use a chat model"
+        return self.speaks.hint(capability)
 
     def _sampling(self, params: SamplingParams, chat: bool) -> dict[str, Any]:
-        dialect = self.dialect
+        speaks = self.speaks
         body: dict[str, Any] = {"model": self.model_name}
         if params.max_new_tokens is not None:
-            name = "max_completion_tokens" if self.is_openai and chat and \
-                self.model_name.startswith(("o1", "o3", "o4", "gpt-5")) else "max_tokens"
+            name = (
+                "max_completion_tokens"
+                if self.is_openai
+                and chat
+                and self.model_name.startswith(("o1", "o3", "o4", "gpt-5"))
+                else "max_tokens"
+            )
             body[name] = params.max_new_tokens
         if params.stop:
             body["stop"] = list(params.stop)
@@ -298,31 +292,8 @@ class OpenAI(Backend):
         if (params.n or 1) != 1:
             body["n"] = params.n
         if params.stop_regex:
-            raise self._unsupported("stop_regex", "OpenAI-compatible servers take plain stops")
-        if params.stop_token_ids:
-            if dialect != "vllm":
-                raise self._unsupported("stop_token_ids", "only vLLM takes stop token ids")
-            body["stop_token_ids"] = list(params.stop_token_ids)
-        if dialect == "llamacpp":  # override the server's own defaults (top_k 40, min_p 0.05)
-            body["top_k"] = max(params.top_k or 0, 0)
-            body["min_p"] = params.min_p or 0.0
-        elif dialect == "vllm":
-            body["top_k"] = params.top_k if params.top_k is not None else -1
-            body["min_p"] = params.min_p or 0.0
-            if params.min_new_tokens:
-                body["min_tokens"] = params.min_new_tokens
-        else:
-            for key, default in (("top_k", -1), ("min_p", 0.0)):
-                value = getattr(params, key)
-                if value is not None and value != default and not (key == "top_k" and value <= 0):
-                    self._warn_once(key, f"{key}={value} is ignored: the server has no {key}")
-        if params.ignore_eos:
-            if dialect == "none":
-                self._warn_once("ignore_eos", "ignore_eos is ignored by this server")
-            else:
-                body["ignore_eos"] = True
-        if params.min_new_tokens and dialect != "vllm":
-            self._warn_once("min_new_tokens", "min_new_tokens is ignored by this server")
+            raise speaks.unsupported("stop_regex", "OpenAI-compatible servers take plain stops")
+        speaks.sampling(params, body, self._warn_once)
         if params.return_logprob:
             if chat:
                 body["logprobs"] = True
@@ -336,60 +307,45 @@ class OpenAI(Backend):
     def _constraints(self, params: SamplingParams, chat: bool, body: dict[str, Any]) -> None:
         if params.regex is not None and params.json_schema is not None:
             raise InvalidArgumentError("regex and json_schema cannot both be set")
-        dialect = self.dialect
         if params.regex is not None:
-            if dialect == "llamacpp":
-                body["grammar"] = regex_to_gbnf(params.regex)
-            elif dialect == "vllm":
-                body["guided_regex"] = params.regex
-            else:
-                raise self._unsupported(
-                    "regex", "this server has no regex/grammar parameter; use llama.cpp, vLLM "
-                    "or SGLang (RuntimeEndpoint)"
-                )
+            body.update(self.speaks.regex(params.regex))
         if params.json_schema is not None:
             try:
                 schema = orjson.loads(params.json_schema)
             except orjson.JSONDecodeError as exc:
                 raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
             if chat:
+                title = schema.get("title") if isinstance(schema, dict) else None
                 body["response_format"] = {
                     "type": "json_schema",
-                    "json_schema": {"name": str(schema.get("title") or "output")
-                                    if isinstance(schema, dict) else "output",
-                                    "schema": schema},
+                    "json_schema": {"name": str(title or "output"), "schema": schema},
                 }
-            elif dialect == "llamacpp":
-                body["json_schema"] = schema
-            elif dialect == "vllm":
-                body["guided_json"] = schema
             else:
-                raise self._unsupported("json_schema", "completion models here take no schema; "
-                                                       "use a chat model")
+                body.update(self.speaks.completion_schema(schema))
 
-    def _messages(self, request: GenerateRequest | SelectRequest, body: dict[str, Any]
-                  ) -> list[dict[str, Any]]:
+    def _messages(
+        self, request: GenerateRequest | SelectRequest, body: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         messages = [dict(m) for m in request.messages]
         if request.role is None:
             if not messages:
                 messages = [{"role": "user", "content": request.prompt}]
         elif request.role != "assistant":
             raise UnsupportedCapabilityError(
-                f"gen inside a {request.role} turn", self.name,
+                f"gen inside a {request.role} turn",
+                self.name,
                 "chat models generate only in an assistant turn (use sgl.assistant)",
             )
         elif request.role_text.strip():
-            if self.dialect == "none":
-                raise self._unsupported(
-                    "assistant prefill", "gen must come right after sgl.assistant on this server"
-                )
+            self.speaks.prefill(body)  # the dialect's way to continue it (or a clear refusal)
             messages.append({"role": "assistant", "content": request.role_text})
-            if self.dialect == "vllm":
-                body["continue_final_message"] = True
-                body["add_generation_prompt"] = False
-        seen = {part.get("image_url", {}).get("url")
-                for m in messages if isinstance(m.get("content"), list)
-                for part in m["content"] if isinstance(part, dict)}
+        seen = {
+            part.get("image_url", {}).get("url")
+            for m in messages
+            if isinstance(m.get("content"), list)
+            for part in m["content"]
+            if isinstance(part, dict)
+        }
         extra = [img for img in request.images if img.data_url not in seen]
         if extra:
             target = next((m for m in reversed(messages) if m["role"] == "user"), None)
@@ -422,7 +378,8 @@ class OpenAI(Backend):
         else:
             if request.images:
                 raise UnsupportedCapabilityError(
-                    "images", self.name, "completion models take no images; use a chat model")
+                    "images", self.name, "completion models take no images; use a chat model"
+                )
             body["prompt"] = request.prompt
         return chat, body
 
@@ -456,10 +413,15 @@ class OpenAI(Backend):
             return GenerateResult(texts, meta)
         return GenerateResult(texts[0] if texts else "", meta)
 
-    def _stream(self, chat: bool, body: dict[str, Any], prefill: str,
-                on_chunk: ChunkCallback) -> GenerateResult:
-        body = {**body, **self.extra_body, "stream": True,
-                "stream_options": {"include_usage": True}}
+    def _stream(
+        self, chat: bool, body: dict[str, Any], prefill: str, on_chunk: ChunkCallback
+    ) -> GenerateResult:
+        body = {
+            **body,
+            **self.extra_body,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         path = f"{self.api_prefix}/{'chat/completions' if chat else 'completions'}"
         stripper = PrefillStripper(prefill)
         text, finish, usage, ident = "", None, {}, None
@@ -486,12 +448,15 @@ class OpenAI(Backend):
             text += rest
             on_chunk(rest)
         self.token_usage.add(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-        return GenerateResult(text, {
-            "id": ident,
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "finish_reason": _finish(finish, body),
-        })
+        return GenerateResult(
+            text,
+            {
+                "id": ident,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "finish_reason": _finish(finish, body),
+            },
+        )
 
     # ---------------------------------------------------------------- select
     def select(self, request: SelectRequest) -> ChoicesDecision:
@@ -499,20 +464,17 @@ class OpenAI(Backend):
         if not choices:
             raise InvalidArgumentError("select needs at least one choice")
         strategy = self.select_strategy
-        dialect = self.dialect
-        if strategy == "auto":
-            # Scoring each choice's exact tokens honours choices_method; greedy decoding under
-            # a choice grammar can be led astray by a likely first character ("L" of London).
-            if not self.is_chat_model or dialect == "llamacpp":
-                strategy = "logprobs"
-            else:
-                strategy = "constrained" if dialect == "vllm" else "generate"
-        if strategy == "logprobs" and self.is_chat_model and dialect != "llamacpp":
-            strategy = "constrained" if dialect == "vllm" else "generate"
-        if strategy == "constrained" and dialect == "none":
+        speaks = self.speaks
+        chat = self.is_chat_model
+        # Scoring each choice's exact tokens honours choices_method; greedy decoding under a
+        # choice constraint can be led astray by a likely first character ("L" of London).
+        scorable = not chat or speaks.scoring == "tokens"
+        if strategy == "auto" or (strategy == "logprobs" and not scorable):
+            strategy = "logprobs" if scorable else "constrained"
+        if strategy == "constrained" and not speaks.choice_constraint:
             strategy = "generate"
         if strategy == "logprobs":
-            if dialect == "llamacpp":
+            if speaks.scoring == "tokens":
                 cond, uncond = self._score_by_tokens(request, choices)
             else:
                 cond, uncond = self._score_by_echo(request, choices)
@@ -523,46 +485,54 @@ class OpenAI(Backend):
         params = SamplingParams.defaults(max_new_tokens=width, temperature=request.temperature)
         body = self._sampling(params, self.is_chat_model)
         if strategy == "constrained":
-            if dialect == "llamacpp":
-                body["grammar"] = choices_gbnf(choices)
-            else:
-                body["guided_choice"] = choices
+            body.update(speaks.choices(choices))
         if self.is_chat_model:
             body["messages"] = self._messages(request, body)
         else:
             body["prompt"] = request.prompt
         answer = self._post(self.is_chat_model, body)
         first = answer["choices"][0] if answer["choices"] else {}
-        text = ((first.get("message") or {}).get("content") if self.is_chat_model
-                else first.get("text")) or ""
+        text = (
+            (first.get("message") or {}).get("content") if self.is_chat_model else first.get("text")
+        ) or ""
         if self.is_chat_model:
             text = strip_prefill(text, request.role_text if request.role_text.strip() else "")
-        decision, how = match_choice(text, choices)
-        return ChoicesDecision(decision, {"strategy": strategy, **how})
+        chosen, how = match_choice(text, choices)
+        return ChoicesDecision(chosen, {"strategy": strategy, **how})
 
     def _tokenize(self, text: str, special: bool) -> list[int]:
-        answer = self.transport.request("POST", "/tokenize",
-                                        {"content": text, "add_special": special})
+        answer = self.transport.request(
+            "POST", "/tokenize", {"content": text, "add_special": special}
+        )
         return [t["id"] if isinstance(t, dict) else int(t) for t in answer.get("tokens", [])]
 
     def _force(self, body: dict[str, Any], forced: list[int], chat: bool) -> list[list[Any]]:
         """Generate exactly ``forced`` (a token grammar) and read each token's logprob."""
         if not forced:
             return []
-        body = {**body, "grammar": token_gbnf(forced), "max_tokens": len(forced),
-                "temperature": 0, "logprobs": True if chat else 1, "n": 1}
+        body = {
+            **body,
+            "grammar": token_gbnf(forced),
+            "max_tokens": len(forced),
+            "temperature": 0,
+            "logprobs": True if chat else 1,
+            "n": 1,
+        }
         body.pop("top_logprobs", None)
         answer = self._post(chat, body)
         entries = openai_logprobs((answer["choices"][0] or {}).get("logprobs"))
         got = entries.get("output_token_logprobs", [])[: len(forced)]
         if [e[1] for e in got] != list(forced):
             raise UnsupportedCapabilityError(
-                "select", self.name, "the server did not honour a token grammar; "
-                "pass select_strategy='constrained'")
+                "select",
+                self.name,
+                "the server did not honour a token grammar; pass select_strategy='constrained'",
+            )
         return got
 
-    def _score_by_tokens(self, request: SelectRequest, choices: list[str]
-                         ) -> tuple[list[list[list[Any]]], list[list[list[Any]]] | None]:
+    def _score_by_tokens(
+        self, request: SelectRequest, choices: list[str]
+    ) -> tuple[list[list[list[Any]]], list[list[list[Any]]] | None]:
         """Each choice's exact tokens scored in parallel requests (the server batches them)."""
         plain = self._sampling(SamplingParams.defaults(max_new_tokens=1), False)
         if self.is_chat_model:
@@ -594,11 +564,11 @@ class OpenAI(Backend):
             return cond, None
         return cond, map_concurrently(unconditional, cond)
 
-    def _score_by_echo(self, request: SelectRequest, choices: list[str]
-                       ) -> tuple[list[list[list[Any]]], list[list[list[Any]]] | None]:
+    def _score_by_echo(
+        self, request: SelectRequest, choices: list[str]
+    ) -> tuple[list[list[list[Any]]], list[list[list[Any]]] | None]:
         def score(prompts: list[str], skip: int) -> list[list[list[Any]]]:
-            body = self._sampling(SamplingParams.defaults(max_new_tokens=1, temperature=0.0),
-                                  False)
+            body = self._sampling(SamplingParams.defaults(max_new_tokens=1, temperature=0.0), False)
             body.update(prompt=prompts, echo=True, logprobs=1)
             answer = self._post(False, body)
             out = []
@@ -606,8 +576,9 @@ class OpenAI(Backend):
                 end = len(prompts[choice.get("index", 0)])
                 lp = choice.get("logprobs") or {}
                 entries = []
-                for token, value, offset in zip(lp.get("tokens", []), lp.get("token_logprobs", []),
-                                                lp.get("text_offset", [])):
+                for token, value, offset in zip(
+                    lp.get("tokens", []), lp.get("token_logprobs", []), lp.get("text_offset", [])
+                ):
                     if offset + len(token) > skip and offset < end:
                         entries.append([value, None, token])
                 out.append(entries)
@@ -625,8 +596,10 @@ def _finish(reason: str | None, body: dict[str, Any]) -> dict[str, Any] | None:
     if reason is None:
         return None
     if reason == "length":
-        return {"type": "length", "length": body.get("max_tokens",
-                                                     body.get("max_completion_tokens"))}
+        return {
+            "type": "length",
+            "length": body.get("max_tokens", body.get("max_completion_tokens")),
+        }
     if reason == "stop":
         return {"type": "stop", "matched": None}
     return {"type": reason}

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sglrun.backends.coalesce import Coalescer
+from sglrun.backends.common import apply_dtype
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
-from sglrun.backends.openai_constraints import apply_dtype
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
 from sglrun.lang.backend import (
     Backend,
@@ -39,8 +39,12 @@ MAX_HINT = 1024  # programs in flight, at most, whatever a server advertises
 DEFAULT_URL = "http://127.0.0.1:30000"  # where sglang.launch_server listens by default
 
 # Fields sent at the top level of the request.
-_TOP_LEVEL_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
-                   "return_text_in_logprobs")
+_TOP_LEVEL_KEYS = (
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "return_text_in_logprobs",
+)
 # The rest of SamplingParams (dtype aside: it becomes a regex) goes in "sampling_params".
 _SAMPLING_KEYS = tuple(f for f in SAMPLING_FIELDS if f not in (*_TOP_LEVEL_KEYS, "dtype"))
 
@@ -80,7 +84,7 @@ class RuntimeEndpoint(Backend):
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("SGLRUN_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        extra = {} if retry_time is None else {"retry_time": retry_time}
+        extra: dict[str, Any] = {} if retry_time is None else {"retry_time": retry_time}
         self.transport = HTTPTransport(
             base_url, headers=headers, timeout=timeout, retries=retries, verify=verify, **extra
         )
@@ -268,8 +272,10 @@ class RuntimeEndpoint(Backend):
         choices = list(request.choices)
         if not choices:
             raise InvalidArgumentError("select needs at least one choice")
-        prefix_body: dict[str, Any] = {"text": request.prompt,
-                                       "sampling_params": {"max_new_tokens": 0}}
+        prefix_body: dict[str, Any] = {
+            "text": request.prompt,
+            "sampling_params": {"max_new_tokens": 0},
+        }
         if request.images:
             prefix_body["image_data"] = self._images(request.images)
         if request.images:

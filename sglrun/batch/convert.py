@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,45 @@ def _shorten(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_columns(
+    columns: Iterable[str],
+    params: list[ParamSpec],
+    *,
+    mapping: dict[str, str] | None = None,
+    strict: bool = False,
+    source: str = "",
+    id_field: str | None = None,
+) -> None:
+    """What a row's keys alone decide: every required parameter has its column, and with
+    ``strict`` no column is left over. A CSV header decides it for every row at once."""
+    prefix = f"{source}: " if source else ""
+    by_name = {spec.name: spec for spec in params}
+    mapping = dict(mapping or {})
+    for param in mapping:
+        if param not in by_name:
+            known = ", ".join(by_name) or "none"
+            raise InvalidArgumentError(f"--map names {param!r}, which is not a parameter ({known})")
+    present = set(columns)
+    missing = []
+    for spec in params:
+        column = mapping.get(spec.name, spec.name)
+        if column not in present and not spec.has_default:
+            via = "" if column == spec.name else f" (column {column!r})"
+            missing.append(spec.name + via)
+    if missing:
+        raise InputError(f"{prefix}missing required argument(s): {', '.join(missing)}")
+    if strict:
+        known_columns = set(mapping.values()) | {n for n in by_name if n not in mapping}
+        if id_field is not None:
+            known_columns.add(id_field)
+        unknown = [column for column in columns if column not in known_columns]
+        if unknown:
+            names = ", ".join(repr(column) for column in unknown)
+            raise InputError(
+                f"{prefix}unknown column(s) {names}; parameters are {', '.join(by_name) or 'none'}"
+            )
+
+
 def convert_row(
     data: dict[str, Any],
     params: list[ParamSpec],
@@ -193,21 +232,12 @@ def convert_row(
     ``mapping`` is ``{parameter: column}``; ``source`` (e.g. ``"in.csv:7"``) prefixes messages.
     An empty CSV cell for a non-string parameter with a default means "use the default".
     """
-    prefix = f"{source}: " if source else ""
-    by_name = {spec.name: spec for spec in params}
+    check_columns(data, params, mapping=mapping, strict=strict, source=source, id_field=id_field)
     mapping = dict(mapping or {})
-    for param in mapping:
-        if param not in by_name:
-            known = ", ".join(by_name) or "none"
-            raise InvalidArgumentError(f"--map names {param!r}, which is not a parameter ({known})")
     kwargs: dict[str, Any] = {}
-    missing: list[str] = []
     for spec in params:
         column = mapping.get(spec.name, spec.name)
         if column not in data:
-            if not spec.has_default:
-                via = "" if column == spec.name else f" (column {column!r})"
-                missing.append(spec.name + via)
             continue
         value = data[column]
         if _use_default(value, spec):
@@ -216,21 +246,9 @@ def convert_row(
             kwargs[spec.name] = _convert(value, spec.annotation)
         except _Mismatch:
             raise InputError(
-                f"{prefix}column {column!r}: expected {_type_name(spec.annotation)}, "
-                f"got {_shorten(value)}"
+                f"{source + ': ' if source else ''}column {column!r}: expected "
+                f"{_type_name(spec.annotation)}, got {_shorten(value)}"
             ) from None
-    if missing:
-        raise InputError(f"{prefix}missing required argument(s): {', '.join(missing)}")
-    if strict:
-        known_columns = set(mapping.values()) | {n for n in by_name if n not in mapping}
-        if id_field is not None:
-            known_columns.add(id_field)
-        unknown = [column for column in data if column not in known_columns]
-        if unknown:
-            names = ", ".join(repr(column) for column in unknown)
-            raise InputError(
-                f"{prefix}unknown column(s) {names}; parameters are {', '.join(by_name) or 'none'}"
-            )
     return kwargs
 
 

@@ -8,6 +8,7 @@ out of a million should cost one error record, not the run.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import itertools
 import json
@@ -26,7 +27,9 @@ from sglrun.errors import InputError, InvalidArgumentError
 __all__ = ["Row", "RowSource", "open_rows", "parse_json", "row_digest"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-_FORMATS = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "csv": "csv"}
+_FORMATS = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "csv": "csv", "tsv": "tsv"}
+#: The field separator of each delimited format (``delimiter=`` overrides it).
+DELIMITERS = {"csv": ",", "tsv": "\t"}
 _BOM = b"\xef\xbb\xbf"
 # csv refuses fields over 128 KiB by default; a 10 MB prompt is a legitimate row.
 _CSV_FIELD_LIMIT = 2**31 - 1
@@ -153,12 +156,15 @@ def _has_bad_bytes(fields: list[str]) -> str:
     return ""
 
 
-def _csv_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, str]]:
+def _csv_records(
+    lines: Iterable[bytes], name: str, delimiter: str = ","
+) -> Iterator[tuple[int, Any, str]]:
     """(line number, dict or None, error) per CSV record; the first record is the header."""
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
     feed = _LineCounter(lines)
-    reader = csv.reader(feed, strict=True)  # strict: an unterminated quote is an error
+    # strict: an unterminated quote is an error
+    reader = csv.reader(feed, strict=True, delimiter=delimiter)
     header: list[str] | None = None
     while True:
         start = feed.consumed + 1
@@ -171,9 +177,13 @@ def _csv_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, 
                 raise _fail(name, start, f"CSV header is not valid CSV ({exc})") from None
             if "unexpected end of data" in str(exc):
                 swallowed = feed.consumed - start + 1
-                yield start, None, (
-                    f"not valid CSV: a quoted field opened here is never closed, so the rest "
-                    f"of the file ({swallowed} lines) was read into it"
+                yield (
+                    start,
+                    None,
+                    (
+                        f"not valid CSV: a quoted field opened here is never closed, so the rest "
+                        f"of the file ({swallowed} lines) was read into it"
+                    ),
                 )
                 return
             yield start, None, f"not valid CSV ({exc})"
@@ -215,9 +225,11 @@ class RowSource:
         lines: Iterable[bytes],
         path: str | None,
         handle: IO[Any] | None,
+        delimiter: str | None = None,
     ) -> None:
         self.name = name
         self.format = fmt
+        self.delimiter = delimiter or DELIMITERS.get(fmt, ",")
         self.id_field = id_field
         self.path = path
         self._lines: Iterable[bytes] | None = lines
@@ -233,7 +245,13 @@ class RowSource:
             lines = _binary_lines(self._handle)
         handle = self._handle
         opened_size = _size(handle) if self.path is not None else None
-        parse = _jsonl_records if self.format == "jsonl" else _csv_records
+        delimiter = self.delimiter
+
+        def parse(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, str]]:
+            if self.format == "jsonl":
+                return _jsonl_records(lines, name)
+            return _csv_records(lines, name, delimiter)
+
         seen: dict[int, int] = {}  # hash of each declared id -> its line (--id-field)
         try:
             for index, (line, data, why) in enumerate(parse(lines, self.name)):
@@ -252,7 +270,8 @@ class RowSource:
                     yield Row(index, line, unique, None, error, row_digest(data))
                     continue
                 yield Row(index, line, row_id, data, None, row_digest(data))
-            if opened_size is not None and handle is not None and _size(handle) < opened_size:
+            now_size = _size(handle) if handle is not None else None
+            if opened_size is not None and now_size is not None and now_size < opened_size:
                 raise InputError(
                     f"{self.name}: the file shrank from {opened_size} to {_size(handle)} bytes "
                     "while it was read: the rows after that were not read"
@@ -294,9 +313,14 @@ class RowSource:
             if self.format == "jsonl":
                 return sum(1 for n, raw in enumerate(handle) if _content(raw, n).strip())
             try:
-                return sum(1 for _ in _csv_records(handle, self.name))
+                return sum(1 for _ in _csv_records(handle, self.name, self.delimiter))
             except InputError:
                 return 0  # a broken header: iteration will report it
+
+    @property
+    def has_header(self) -> bool:
+        """Delimited text (CSV, TSV): its first line names the columns of every row."""
+        return self.format != "jsonl"
 
     def close(self) -> None:
         """Close the file (never stdin); iteration does this itself when it ends."""
@@ -327,9 +351,12 @@ def _content(raw: bytes, number: int) -> bytes:
 
 
 def _open_binary(path: str) -> IO[bytes]:
+    """The file's bytes; a ``.gz`` file is decompressed as it is read."""
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, not an input file")
     try:
+        if path.lower().endswith(".gz"):
+            return gzip.open(path, "rb")  # type: ignore[return-value]
         return open(path, "rb")  # the RowSource owns and closes it
     except FileNotFoundError:
         raise InputError(f"{path}: no such input file") from None
@@ -345,6 +372,8 @@ def _sniff(lines: Iterator[bytes]) -> tuple[str, Iterator[bytes]]:
         stripped = (raw.removeprefix(_BOM) if len(seen) == 1 else raw).strip()
         if stripped:
             fmt = "jsonl" if stripped.startswith((b"{", b"[")) else "csv"
+            if fmt == "csv" and b"\t" in stripped and b"," not in stripped:
+                fmt = "tsv"
             return fmt, itertools.chain(seen, lines)
     return "jsonl", iter(seen)
 
@@ -355,14 +384,18 @@ def open_rows(
     fmt: str | None = None,
     id_field: str | None = None,
     stdin: IO[Any] | None = None,
+    delimiter: str | None = None,
 ) -> RowSource:
     """Open ``path`` (``-`` = stdin) for lazy row reading; raises InputError for a bad path.
 
-    The format comes from ``fmt``, else the suffix (.jsonl/.ndjson/.json or .csv), else the
-    first non-blank character. ``stdin`` replaces ``sys.stdin`` (tests, embedding).
+    The format comes from ``fmt``, else the suffix (.jsonl/.ndjson/.json, .csv or .tsv, each
+    maybe with .gz), else the first non-blank character. ``delimiter`` replaces the CSV/TSV
+    field separator. ``stdin`` replaces ``sys.stdin`` (tests, embedding).
     """
     if fmt is not None and fmt.lower() not in _FORMATS:
-        raise InvalidArgumentError(f"unknown input format {fmt!r}; use jsonl or csv")
+        raise InvalidArgumentError(f"unknown input format {fmt!r}; use jsonl, csv or tsv")
+    if delimiter is not None and len(delimiter) != 1:
+        raise InvalidArgumentError(f"a delimiter is one character, not {delimiter!r}")
     chosen = _FORMATS[fmt.lower()] if fmt is not None else None
     if path == "-":
         stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
@@ -371,20 +404,20 @@ def open_rows(
             chosen, lines = _sniff(lines)
         if chosen == "jsonl":
             lines = _refuse_json_array(lines, "<stdin>")
-        return RowSource("<stdin>", chosen, id_field, lines, None, stream)
+        return RowSource("<stdin>", chosen, id_field, lines, None, stream, delimiter)
     handle = _open_binary(path)
     lines = _binary_lines(handle)
     if chosen is None:
-        lower = path.lower()
+        lower = path.lower().removesuffix(".gz")
         if lower.endswith(_JSONL_SUFFIXES):
             chosen = "jsonl"
-        elif lower.endswith(".csv"):
-            chosen = "csv"
+        elif lower.endswith((".csv", ".tsv")):
+            chosen = lower[-3:]
         else:
             chosen, lines = _sniff(lines)
     if chosen == "jsonl":
         lines = _refuse_json_array(lines, path)
-    return RowSource(path, chosen, id_field, lines, path, handle)
+    return RowSource(path, chosen, id_field, lines, path, handle, delimiter)
 
 
 def _refuse_json_array(lines: Iterator[bytes], name: str) -> Iterator[bytes]:

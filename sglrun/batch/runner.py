@@ -15,6 +15,7 @@ No Rich here: progress and the streaming panel are callbacks the CLI supplies.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -64,6 +65,16 @@ class StreamSink(Protocol):
     def untrack(self, key: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class _Cost:
+    """What one row cost: tokens generated and sent, and its own run time."""
+
+    completion_tokens: int
+    prompt_tokens: int
+    seconds: float
+    started: float = 0.0  # Unix time
+
+
 @dataclass
 class BatchStats:
     """Counters of one batch run; updated under the runner's lock."""
@@ -74,8 +85,12 @@ class BatchStats:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
-    tokens: int = 0
+    tokens: int = 0  # generated
+    prompt_tokens: int = 0  # sent (as the backends count them, cached prefixes included)
+    row_seconds: float = 0.0  # the rows' own run times, summed (mean latency = / done)
     abandoned: int = 0
+    max_failures: int | None = None  # stop taking rows once this many failed
+    too_many_failures: bool = False
     timed_out: int = 0
     left_behind: int = 0  # threads of timed-out rows that could not be stopped
     status: str = "running"  # then "completed", "interrupted", "read_error" or "write_error"
@@ -93,6 +108,10 @@ class BatchStats:
     def rows_per_second(self) -> float:
         elapsed = self.elapsed
         return self.done / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def mean_latency(self) -> float:
+        return self.row_seconds / self.done if self.done else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -117,14 +136,15 @@ def error_info(exc: BaseException | None) -> dict[str, str] | None:
     return {"type": type(exc).__name__, "message": message}
 
 
-def count_tokens(meta_info: Mapping[str, Any]) -> int:
-    """Generated tokens: the ``completion_tokens`` of every variable (forks give lists)."""
+def count_tokens(meta_info: Mapping[str, Any], key: str = "completion_tokens") -> int:
+    """Generated tokens: the ``completion_tokens`` of every variable (forks give lists);
+    ``key="prompt_tokens"`` counts the tokens sent."""
     total = 0
     for value in meta_info.values():
         for item in value if isinstance(value, list) else (value,):
             if not isinstance(item, Mapping):
                 continue
-            count = item.get("completion_tokens")
+            count = item.get(key)
             if isinstance(count, list):
                 total += sum(c for c in count if isinstance(c, int) and not isinstance(c, bool))
             elif isinstance(count, int) and not isinstance(count, bool):
@@ -160,7 +180,13 @@ class _Batch:
         skip_ids: Collection[str],
         skip_digests: Mapping[str, str | None],
         keys: _KeyCheck,
+        on_row: Callable[[str, float, float, str], None] | None = None,
+        input_columns: tuple[str, ...] | None = None,
+        json_values: bool = False,
     ) -> None:
+        self.json_values = json_values
+        self.on_row = on_row
+        self.input_columns = input_columns
         self.program = program
         self.backend = backend
         self.defaults = defaults
@@ -223,26 +249,35 @@ class _Batch:
                 yield _Job(position, row)
             position += 1
 
+    def _input_part(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The input row for ``--include input`` (only ``input:COLS`` when named)."""
+        if self.input_columns is None:
+            return data
+        return {column: data.get(column) for column in self.input_columns}
+
     def stopping(self) -> bool:
         return self.stop.is_set() or self.halt.is_set()
 
     # ------------------------------------------------------------ one row (a hub task)
-    def run_job(self, job: _Job) -> tuple[dict[str, Any], int]:
+    def run_job(self, job: _Job) -> tuple[dict[str, Any], _Cost]:
         if "stdout" in self.include:  # this row's print() lands in its record
             task = current_task()
             if task is not None:
                 task.context = {"stdout": []}
+        started, wall = time.monotonic(), time.time()
         try:
-            return self._record_for(job)
+            record, tokens, sent = self._record_for(job)
         except Exception as exc:  # a row must survive anything a program does
-            return make_record(job.row.id, {}, error_info(exc), digest=job.row.digest), 0
+            record = make_record(job.row.id, {}, error_info(exc), digest=job.row.digest)
+            tokens = sent = 0
+        return record, _Cost(tokens, sent, time.monotonic() - started, wall)
 
-    def _record_for(self, job: _Job) -> tuple[dict[str, Any], int]:
+    def _record_for(self, job: _Job) -> tuple[dict[str, Any], int, int]:
         row = job.row
         data = row.data
         wants_input = "input" in self.include
         if row.error is not None or data is None:
-            return make_record(row.id, {}, error_info(row.error), digest=row.digest), 0
+            return make_record(row.id, {}, error_info(row.error), digest=row.digest), 0, 0
         try:
             kwargs = convert_row(
                 data,
@@ -254,9 +289,9 @@ class _Batch:
             )
             arguments = self.program.bind_call((), kwargs)
         except Exception as exc:
-            row_input = data if wants_input else None
+            row_input = self._input_part(data) if wants_input else None
             record = make_record(row.id, {}, error_info(exc), row=row_input, digest=row.digest)
-            return record, 0
+            return record, 0, 0
         panel = self.stream_panel
         # With the live panel, gens stream chunk by chunk into the state's text (what the
         # panel polls); nobody reads the state from another thread, so nobody waits on it.
@@ -270,18 +305,21 @@ class _Batch:
             execute(self.program, state, arguments)
             error = state.error()
             meta = state.meta_infos()
+            variables = state.variables()
+            if self.json_values:
+                variables = _json_values(variables, meta)
             record = make_record(
                 row.id,
-                state.variables(),
+                variables,
                 error_info(error),
-                row=data if wants_input else None,
+                row=self._input_part(data) if wants_input else None,
                 text=state.text() if "text" in self.include else None,
                 messages=state.messages() if "messages" in self.include else None,
                 meta=meta if "meta" in self.include else None,
                 digest=row.digest,
                 stdout=_captured() if "stdout" in self.include else None,
             )
-            return record, count_tokens(meta)
+            return record, count_tokens(meta), count_tokens(meta, "prompt_tokens")
         finally:
             if panel is not None:
                 panel.untrack(job.position)
@@ -290,13 +328,11 @@ class _Batch:
     # ------------------------------------------------------------ records (hub thread)
     def finish(self, finished: Finished) -> None:
         job: _Job = finished.item
-        tokens = 0
+        cost = _Cost(0, 0, 0.0)
         if finished.error is not None:  # cancelled outside the program (a time limit)
-            record = make_record(
-                job.row.id, {}, error_info(finished.error), digest=job.row.digest
-            )
+            record = make_record(job.row.id, {}, error_info(finished.error), digest=job.row.digest)
         else:
-            record, tokens = finished.result
+            record, cost = finished.result
         failed = record.get("error") is not None
         if not self.output_closed:
             try:
@@ -308,14 +344,27 @@ class _Batch:
         with self.lock:
             stats = self.stats
             stats.done += 1
-            stats.tokens += tokens
+            stats.tokens += cost.completion_tokens
+            stats.prompt_tokens += cost.prompt_tokens
+            stats.row_seconds += cost.seconds
             if failed:
                 stats.failed += 1
                 stats.timed_out += record["error"]["type"] == "RowTimeout"
+                if stats.max_failures is not None and stats.failed >= stats.max_failures:
+                    stats.too_many_failures = True
+                    self.halt.set()  # no new rows; those in flight finish and are written
             else:
                 stats.ok += 1
         if failed:
             logger.info("row %s failed: %s", job.row.id, record["error"]["message"])
+        if self.on_row is not None:
+            status = "ok" if not failed else "failed"
+            if failed and record["error"]["type"] == "RowTimeout":
+                status = "timeout"
+            try:
+                self.on_row(job.row.id, cost.started or time.time(), cost.seconds, status)
+            except Exception:  # the job log is a side channel: it must not lose a row
+                logger.exception("job log write failed")
         self.report_progress()
 
     def report_progress(self) -> None:
@@ -351,6 +400,10 @@ def run_batch_file(
     grace: float = 5.0,
     on_warning: Callable[[str], None] | None = None,
     row_timeout: float | None = None,
+    max_failures: int | None = None,
+    on_row: Callable[[str, float, float, str], None] | None = None,
+    input_columns: tuple[str, ...] | None = None,
+    json_values: bool = False,
 ) -> BatchStats:
     """Run ``program`` on every row and hand one record per row to ``on_record``.
 
@@ -360,9 +413,12 @@ def run_batch_file(
     text, messages, meta). ``mapping`` is ``{parameter: column}``. ``source`` names the input
     in row errors (``in.csv:7: ...``). Without ``strict``, ``on_warning`` hears once about
     each row key that fills no parameter. A row running longer than ``row_timeout`` seconds
-    becomes a ``RowTimeout`` error record. Returns the counters; ``status`` says how the run
-    ended ("completed", "interrupted", "read_error": the input broke after some rows,
-    "write_error": the output broke).
+    becomes a ``RowTimeout`` error record. After ``max_failures`` failed rows no new row
+    starts (``stats.too_many_failures``). ``on_row(id, start, seconds, status)`` hears of
+    each finished row (``--joblog``); ``input_columns`` narrows ``include`` input to those
+    columns; ``json_values`` writes a json_schema gen's value as the JSON it holds. Returns
+    the counters; ``status`` says how the run ended ("completed", "interrupted",
+    "read_error": the input broke after some rows, "write_error": the output broke).
     """
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise InvalidArgumentError(f"num_threads must be an int >= 1, not {num_threads!r}")
@@ -376,14 +432,17 @@ def run_batch_file(
         raise InvalidArgumentError(f"row_timeout must be > 0 seconds, not {row_timeout!r}")
     window = window if window is not None else DEFAULT_WINDOW
     stop = stop_event if stop_event is not None else threading.Event()
-    stats = BatchStats(total=total)
+    if max_failures is not None and (isinstance(max_failures, bool) or max_failures < 1):
+        raise InvalidArgumentError(f"max_failures must be an int >= 1, not {max_failures!r}")
+    stats = BatchStats(total=total, max_failures=max_failures)
     emitter = OrderedEmitter(on_record, ordered=ordered, window=window)
     keys = _KeyCheck(program, mapping, id_field, source, on_warning if not strict else None)
     batch = _Batch(
         program, backend=backend, defaults=defaults, emitter=emitter, stats=stats,
         on_progress=on_progress, include=frozenset(include), stream_panel=stream_panel,
         mapping=mapping, strict=strict, id_field=id_field, source=source, stop=stop,
-        skip_ids=skip_ids, skip_digests=skip_digests or {}, keys=keys,
+        skip_ids=skip_ids, skip_digests=skip_digests or {}, keys=keys, on_row=on_row,
+        input_columns=input_columns, json_values=json_values,
     )  # fmt: skip
     scheduler = Scheduler(num_threads, name=f"batch {program.name}", row_timeout=row_timeout)
     logger.info("batch %s: %d in flight, window %d", program.name, num_threads, window)
@@ -425,6 +484,21 @@ def run_batch_file(
     if stats.abandoned:
         logger.info("abandoned %d rows still running after the interrupt", stats.abandoned)
     return stats
+
+
+def _json_values(variables: dict[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Variables of json_schema gens as the objects their text holds (text kept if it is not
+    valid JSON, e.g. cut short by max_tokens)."""
+    shown = dict(variables)
+    for name, value in variables.items():
+        info = meta.get(name)
+        if isinstance(info, Mapping) and info.get("constraint") == "json_schema":
+            if isinstance(value, str):
+                try:
+                    shown[name] = json.loads(value)
+                except ValueError:
+                    pass
+    return shown
 
 
 def _captured() -> str:
@@ -482,7 +556,8 @@ class _KeyCheck:
             p.name for p in program.arg_params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         ]
         mapping = mapping or {}
-        self.known = {mapping.get(name, name) for name in names} | {id_field}
+        self.known: set[str | None] = {mapping.get(name, name) for name in names}
+        self.known.add(id_field)
         self.names = ", ".join(names) or "none"
         self.program = program.name
         self.source = source or "input"

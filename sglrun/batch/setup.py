@@ -41,6 +41,7 @@ class BatchInput:
 
     source: RowSource
     rows: Iterator[Row]
+    first: Row
     output: str
     write_path: str  # the output, or a new file beside it when replacing one (--overwrite)
     append: bool = False
@@ -117,13 +118,14 @@ def open_batch(
     force: bool = False,
     program: str | None = None,
     function: str = "",
+    delimiter: str | None = None,
 ) -> BatchInput:
     """Everything that can fail before a row runs, failing now (InputError, one line): the
     paths are distinct, the input opens and has a first row (a broken CSV header shows here),
     the output is free (not written by another process, not replaced or continued unasked),
     a resume's output matches the input and the program, and the output is writable."""
     check_paths(input_path, output, program)
-    source = open_rows(input_path, fmt=fmt, id_field=id_field)
+    source = open_rows(input_path, fmt=fmt, id_field=id_field, delimiter=delimiter)
     rows_iter = iter(source)
     first = next(rows_iter, None)
     if first is None:
@@ -131,7 +133,7 @@ def open_batch(
     rows: Iterator[Row] = itertools.chain([first], rows_iter)
     if limit is not None:
         rows = itertools.islice(rows, limit)
-    batch = BatchInput(source, rows, output, output)
+    batch = BatchInput(source, rows, first, output, output)
     if output == "-":
         if resume or retry_errors:
             raise InputError("cannot resume into stdout; give an output file with -o")
@@ -177,7 +179,9 @@ def _prepare_output(
         # still rows of the input) and every record checked against its row.
         recheck = None
         if source.path is not None and state.records:
-            recheck = open_rows(source.path, fmt=source.format, id_field=id_field)
+            recheck = open_rows(
+                source.path, fmt=source.format, id_field=id_field, delimiter=source.delimiter
+            )
         drop = verify_resume(
             state, previous, id_field=id_field, program=fingerprint, rows=recheck, force=force
         )
@@ -201,8 +205,11 @@ def _prepare_output(
         "sglrun": sglrun.__version__,
         "output": os.path.abspath(output),
         "inputs": [_describe_input(source)],
-        "program": {"path": os.path.abspath(program) if program else None,
-                    "function": function, "fingerprint": fingerprint},  # fmt: skip
+        "program": {
+            "path": os.path.abspath(program) if program else None,
+            "function": function,
+            "fingerprint": fingerprint,
+        },  # fmt: skip
         "id_field": id_field,
         "created": (previous or {}).get("created", now()) if resume else now(),
         "updated": now(),

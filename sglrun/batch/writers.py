@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 
@@ -48,7 +48,9 @@ class RecordWriter:
         self._lock = threading.Lock()
         self.count = 0
         if path == "-":
-            self._stream: IO[bytes] = stream or getattr(sys.stdout, "buffer", sys.stdout)
+            self._stream: IO[bytes] = stream or cast(
+                IO[bytes], getattr(sys.stdout, "buffer", sys.stdout)
+            )
             self._owned = False
         else:
             check_writable(path)

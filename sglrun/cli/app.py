@@ -9,55 +9,61 @@ Exit codes: 0 every row ok, 1 some rows failed, 2 usage or input error, 130 inte
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from sglrun.errors import InputError, SglrunError
-
-if TYPE_CHECKING:
-    from sglrun.cli.config import Settings
-    from sglrun.lang.backend import Backend
-    from sglrun.lang.function import SglFunction
+from sglrun.cli.batch_flags import (
+    check_output,
+    default_output,
+    delimiter_flag,
+    parse_map,
+    rendered_output,
+    split_list,
+)
+from sglrun.cli.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    INVOCATION,
+    PROCESS,
+    one_line,
+    say,
+    setup_logging,
+    usage_errors,
+)
+from sglrun.cli.options import (
+    ApiKeyEnvOpt,
+    BackendOpt,
+    ConfigOpt,
+    CtxSizeOpt,
+    EngineThreadsOpt,
+    FunctionOpt,
+    InsecureOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    ProfileOpt,
+    ProgramArg,
+    QuietOpt,
+    ReproducibleOpt,
+    SharedFlags,
+    SlotsOpt,
+    StopOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    UrlOpt,
+    VerboseOpt,
+)
+from sglrun.cli.run_once import run_once
+from sglrun.errors import InputError
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "app", "main"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-_INVOCATION: list[str] = []  # the arguments of this invocation, for the --resume hint
-_STANDALONE = False  # True only when main() runs the real process (may os._exit)
-
-
-def _say(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    _say(f"sglrun: error: {_one_line(message)}")
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _usage_errors() -> Iterator[None]:
-    """SglrunErrors raised while setting up (before any row runs) are exit 2, one line."""
-    try:
-        yield
-    except SglrunError as exc:
-        _fail(str(exc) or type(exc).__name__)
 
 
 class _OneLineErrors(TyperGroup):
@@ -75,7 +81,7 @@ class _OneLineErrors(TyperGroup):
         from typer._click.exceptions import ClickException  # typer's own copy of click
 
         args = list(sys.argv[1:] if args is None else args)
-        _INVOCATION[:] = args
+        INVOCATION[:] = args
         try:
             result = super().main(
                 args=args,
@@ -92,7 +98,7 @@ class _OneLineErrors(TyperGroup):
             else:
                 ctx = getattr(exc, "ctx", None)
                 where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                _say(f"sglrun: error: {_one_line(exc.format_message())}{where}")
+                say(f"sglrun: error: {one_line(exc.format_message())}{where}")
         except typer.Abort:
             code = EXIT_INTERRUPTED
         except Exception as exc:  # a bug: one line; the traceback with -v or SGLRUN_TRACEBACK
@@ -100,7 +106,7 @@ class _OneLineErrors(TyperGroup):
                 import traceback
 
                 traceback.print_exc()
-            _say(f"sglrun: internal error: {type(exc).__name__}: {_one_line(exc)}")
+            say(f"sglrun: internal error: {type(exc).__name__}: {one_line(exc)}")
             code = EXIT_FAILED
         if standalone_mode:
             sys.exit(code)
@@ -142,117 +148,11 @@ def _root(
 # ----------------------------------------------------------------------------- shared flags
 
 
-def _opt(kind: Any, *names: str, help: str, metavar: str | None = None) -> Any:
-    """An optional flag's annotation (None = not given, so settings files may fill it)."""
-    return Annotated[Optional[kind], typer.Option(*names, help=help, metavar=metavar)]
-
-
-def _switch(*names: str, help: str) -> Any:
-    return Annotated[bool, typer.Option(*names, help=help)]
-
-
-BackendOpt = _opt(
-    str, "--backend", metavar="NAME",
-    help="local (embedded llama.cpp, the default), sglang, openai or anthropic.",
-)  # fmt: skip
-ModelOpt = _opt(
-    str, "--model", metavar="NAME", help="GGUF path for local; the model for openai/anthropic."
-)
-UrlOpt = _opt(
-    list[str], "--url", metavar="URL",
-    help="Server URL; repeat for several sglang servers [sglang: http://127.0.0.1:30000].",
-)  # fmt: skip
-ApiKeyEnvOpt = _opt(
-    str, "--api-key-env", metavar="NAME",
-    help="Environment variable that holds the API key (the key is never printed).",
-)  # fmt: skip
-TemperatureOpt = _opt(float, "--temperature", metavar="T", help="Default temperature for gens.")
-MaxTokensOpt = _opt(int, "--max-new-tokens", metavar="N", help="Default max tokens for gens.")
-TopPOpt = _opt(float, "--top-p", metavar="P", help="Default top-p.")
-TopKOpt = _opt(int, "--top-k", metavar="K", help="Default top-k (-1 = off).")
-StopOpt = _opt(list[str], "--stop", metavar="TEXT", help="Default stop string (repeatable).")
-ThreadsOpt = _opt(str, "--num-threads", metavar="auto|N", help="Rows in parallel [auto].")
-ConfigOpt = _opt(str, "--config", metavar="FILE", help="Settings file (replaces sglrun.yaml).")
-ProfileOpt = _opt(str, "--profile", metavar="NAME", help="Settings profile to use.")
-FunctionOpt = _opt(str, "--function", metavar="NAME", help="The @function, if there are several.")
-QuietOpt = _switch("-q", "--quiet", help="No progress display; the summary line only.")
-VerboseOpt = _switch("-v", "--verbose", help="Log what sglrun does (INFO) to stderr.")
-InsecureOpt = _switch("--insecure", help="Do not verify TLS certificates of server backends.")
-ProgramArg = Annotated[
-    str, typer.Argument(metavar="PROGRAM", help="Python file with a @sglrun.function.")
-]
-
-
-@dataclasses.dataclass
-class _Shared:
-    """The flags ``run`` and ``batch`` share."""
-
-    backend: str | None = None
-    model: str | None = None
-    url: list[str] | None = None
-    api_key_env: str | None = None
-    temperature: float | None = None
-    max_new_tokens: int | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: list[str] | None = None
-    num_threads: str | None = None
-    config: str | None = None
-    profile: str | None = None
-    quiet: bool = False
-    verbose: bool = False
-    insecure: bool = False
-
-    @classmethod
-    def pick(cls, values: dict[str, Any]) -> _Shared:
-        """The shared flags out of a command's parameters (``locals()``)."""
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
-
-    def settings(self) -> tuple[Settings, str]:
-        """Flags > env > project file > user file, and the backend name."""
-        from sglrun.cli.loader import resolve_settings
-
-        keys = ("backend", "model", "api_key_env", "temperature", "max_new_tokens", "top_p")
-        flags = {key: getattr(self, key) for key in (*keys, "top_k", "num_threads")}
-        flags.update(url=self.url or None, stop=self.stop or None)  # [] = not given
-        return resolve_settings(flags, config_file=self.config, profile=self.profile)
-
-
-def _setup_logging(verbose: bool) -> None:
-    """``-v``: INFO from every ``sglrun.*`` logger on (the current) stderr."""
-    import logging
-
-    root = logging.getLogger("sglrun")
-    for handler in list(root.handlers):
-        if getattr(handler, "_sglrun_cli", False):
-            root.removeHandler(handler)
-    if not verbose:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler._sglrun_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("sglrun: %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
-def _defaults(settings: Settings) -> Any:
-    from sglrun.lang.ir import SamplingParams
-
-    return SamplingParams.defaults(**settings.sampling_params())
-
-
-def _shutdown(backend: Any) -> None:
-    try:
-        backend.shutdown()
-    except Exception:
-        pass
-
-
 # ----------------------------------------------------------------------------- batch
 
 BATCH_HELP = """Run PROGRAM on every row of INPUT and write one JSON record per row.
 
-INPUT is a .jsonl or .csv file, or - for stdin (then say --format if it is CSV). Row keys
+INPUT is a .jsonl, .csv or .tsv file (each may be .gz), or - for stdin. Row keys
 (CSV columns) fill the function's parameters by name, converted by their annotations.
 
 OUTPUT defaults to <input stem>.out.jsonl next to the input, or stdout when INPUT is -.
@@ -264,94 +164,113 @@ Exit codes: 0 every row ok, 1 some rows failed, 2 usage or input error, 130 inte
 """
 
 
-def _split_list(values: list[str] | None) -> list[str]:
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
-def _parse_map(values: list[str] | None) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for value in values or []:
-        param, eq, column = value.partition("=")
-        if not eq or not param.strip() or not column.strip():
-            raise InputError(f"--map expects param=column, got {value!r}")
-        mapping[param.strip()] = column.strip()
-    return mapping
-
-
-def _default_output(input_path: str) -> str:
-    if input_path == "-":
-        return "-"
-    directory, base = os.path.split(input_path)
-    return os.path.join(directory, f"{os.path.splitext(base)[0] or base}.out.jsonl")
-
-
-def _check_output(output: str, input_path: str) -> None:
-    if output == "-":
-        import io
-
-        usable = sys.stdout is not None
-        if usable:
-            try:
-                os.fstat(sys.stdout.fileno())
-            except io.UnsupportedOperation:  # not a file (a test runner's buffer): fine
-                pass
-            except (OSError, ValueError):  # descriptor 1 is closed
-                usable = False
-        if not usable:
-            raise InputError("stdout is closed: give the output a file with -o FILE")
-        return
-    if output.lower().endswith((".csv", ".tsv")):
-        raise InputError(f"{output}: sglrun writes JSON Lines; name the output .jsonl (or -)")
-
-
-def _resume_hint(output: str) -> str:
-    import shlex
-
-    from sglrun.backends.http_support import mask_url
-
-    if output == "-":
-        return "sglrun: interrupted; to resume later, write to a file with -o FILE and --resume"
-    args = [mask_url(arg) for arg in _INVOCATION if arg != "--overwrite"]
-    if "--resume" not in args:
-        args.append("--resume")
-    return "sglrun: interrupted; to continue, run: " + shlex.join(["sglrun", *args])
-
-
 @app.command(help=BATCH_HELP, no_args_is_help=True)
 def batch(
+    ctx: typer.Context,
     program: ProgramArg,
-    input_path: Annotated[str, typer.Argument(metavar="INPUT", help=".jsonl, .csv, or -.")],
-    output: _opt(
-        str,
-        "-o",
-        "--output",
-        metavar="OUTPUT",
-        help="A .jsonl file or - for stdout [default: <input stem>.out.jsonl, or stdout].",
-    ) = None,  # fmt: skip
+    input_path: Annotated[
+        str, typer.Argument(metavar="INPUT", help=".jsonl, .csv or .tsv (maybe .gz), or -.")
+    ],
+    output: Annotated[
+        Optional[str],
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUTPUT",
+            help="A .jsonl, .jsonl.gz, .csv, .tsv or .parquet file, or - for stdout "
+            "[default: <input stem>.out.jsonl, or stdout].",
+        ),
+    ] = None,  # fmt: skip
     function: FunctionOpt = None,
-    maps: _opt(
-        list[str], "--map", metavar="PARAM=COLUMN", help="Fill PARAM from COLUMN (repeatable)."
-    ) = None,
-    id_field: _opt(str, "--id-field", metavar="NAME", help="Row key used as the id.") = None,
-    strict: _switch("--strict", help="A row key that is no parameter is an error.") = False,
-    unordered: _switch("--unordered", help="Write records as rows finish.") = False,
-    window: _opt(int, "--window", metavar="N", help="Records held back to keep order.") = None,
-    resume: _switch("--resume", help="Append to OUTPUT, skipping ids already in it.") = False,
-    retry_errors: _switch("--retry-errors", help="Resume and run failed ids again.") = False,
-    overwrite: _switch("--overwrite", help="Replace an existing OUTPUT (once done).") = False,
-    force: _switch(
-        "--force", help="Resume although the input or program changed: rerun changed rows."
-    ) = False,
-    row_timeout: _opt(
-        float, "--row-timeout", metavar="SECONDS",
-        help="A row running longer is an error record, the batch goes on (0: none) [600].",
-    ) = None,  # fmt: skip
-    include: _opt(
-        list[str], "--include", metavar="FIELDS", help="Add input,text,messages,meta."
-    ) = None,
-    stream: _switch("--stream", help="Show the text of rows in flight (terminal).") = False,
-    limit: _opt(int, "--limit", metavar="N", help="Only the first N rows.") = None,
-    input_format: _opt(str, "--format", metavar="jsonl|csv", help="Input format.") = None,
+    maps: Annotated[
+        Optional[list[str]],
+        typer.Option("--map", metavar="PARAM=COLUMN", help="Fill PARAM from COLUMN (repeatable)."),
+    ] = None,
+    id_field: Annotated[
+        Optional[str], typer.Option("--id-field", metavar="NAME", help="Row key used as the id.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="A row key that is no parameter is an error.")
+    ] = False,
+    unordered: Annotated[
+        bool, typer.Option("--unordered", help="Write records as rows finish.")
+    ] = False,
+    window: Annotated[
+        Optional[int],
+        typer.Option("--window", metavar="N", help="Records held back to keep order."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Append to OUTPUT, skipping ids already in it.")
+    ] = False,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="Resume and run failed ids again.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (once done).")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Resume although the input or program changed: rerun changed rows."
+        ),
+    ] = False,
+    row_timeout: Annotated[
+        Optional[float],
+        typer.Option(
+            "--row-timeout",
+            metavar="SECONDS",
+            help="A row running longer is an error record, the batch goes on (0: none) [600].",
+        ),
+    ] = None,  # fmt: skip
+    json_values: Annotated[
+        bool,
+        typer.Option(
+            "--json-values", help="Write json_schema variables as JSON objects, not strings."
+        ),
+    ] = False,
+    joblog: Annotated[
+        Optional[str],
+        typer.Option(
+            "--joblog",
+            metavar="FILE",
+            help="Append a tab-separated line per row: id, start, runtime, status, attempts.",
+        ),
+    ] = None,  # fmt: skip
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print each row's first prompt as JSON, without a model; write nothing.",
+        ),
+    ] = False,
+    max_failures: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-failures",
+            metavar="N",
+            help="Stop taking rows after N failed rows (those done are kept; exit 1).",
+        ),
+    ] = None,  # fmt: skip
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option("--include", metavar="FIELDS", help="Add input,text,messages,meta."),
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Show the text of rows in flight (terminal).")
+    ] = False,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", metavar="N", help="Only the first N rows.")
+    ] = None,
+    input_format: Annotated[
+        Optional[str],
+        typer.Option("--format", metavar="jsonl|csv|tsv", help="Input format [from the suffix]."),
+    ] = None,
+    delimiter: Annotated[
+        Optional[str],
+        typer.Option(
+            "--delimiter", metavar="CHAR", help="Field separator of CSV input [, or TAB for tsv]."
+        ),
+    ] = None,
     backend: BackendOpt = None,
     model: ModelOpt = None,
     url: UrlOpt = None,
@@ -361,50 +280,83 @@ def batch(
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
     stop: StopOpt = None,
-    num_threads: ThreadsOpt = None,
+    concurrency: ThreadsOpt = None,
+    engine_threads: EngineThreadsOpt = None,
+    slots: SlotsOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    reproducible: ReproducibleOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     insecure: InsecureOpt = False,
 ) -> None:
-    shared = _Shared.pick(locals())
-    _setup_logging(verbose)
+    shared = SharedFlags.from_params(ctx.params)
+    setup_logging(verbose)
+    from sglrun.batch.render import check_kind, output_kind
     from sglrun.batch.runner import INCLUDE_FIELDS
     from sglrun.cli.batch_job import BatchJob
     from sglrun.cli.loader import check_mapping, load_program
 
-    with _usage_errors():
-        fields = set(_split_list(include))
+    with usage_errors():
+        input_columns: tuple[str, ...] | None = None
+        plain = []
+        for value in include or []:  # input:COL1,COL2 takes the rest of its value
+            if value.strip().startswith("input:"):
+                input_columns = tuple(split_list([value.strip()[len("input:") :]]))
+                if not input_columns:
+                    raise InputError("--include input: names no column (input:COL1,COL2)")
+                plain.append("input")
+            else:
+                plain.append(value)
+        fields = set(split_list(plain))
         unknown = sorted(fields - set(INCLUDE_FIELDS))
         if unknown:
             raise InputError(
                 f"--include: unknown field(s) {', '.join(unknown)}; "
                 f"choose from {','.join(INCLUDE_FIELDS)}"
             )
-        for flag, value in (("--window", window), ("--limit", limit)):
-            if value is not None and value < 1:
-                raise InputError(f"{flag} must be >= 1, got {value}")
+        counts: tuple[tuple[str, int | None], ...] = (
+            ("--window", window),
+            ("--limit", limit),
+            ("--max-failures", max_failures),
+        )
+        for name, count in counts:
+            if count is not None and count < 1:
+                raise InputError(f"{name} must be >= 1, got {count}")
         if overwrite and (resume or retry_errors):
             raise InputError("--overwrite replaces the output, --resume continues it: give one")
         if force and not (resume or retry_errors):
             raise InputError("--force goes with --resume (it accepts a changed input or program)")
         if row_timeout is not None and row_timeout < 0:
             raise InputError(f"--row-timeout must be >= 0 seconds (0: none), got {row_timeout}")
-        mapping = _parse_map(maps)
+        mapping = parse_map(maps)
         settings, backend_name = shared.settings()
         fn = load_program(program, function)
         check_mapping(fn, mapping)
-        out = output if output is not None else _default_output(input_path)
-        _check_output(out, input_path)
+        out = output if output is not None else default_output(input_path)
+        rendered = output_kind(out) if out != "-" else None
+        if not dry_run:
+            check_output(out, input_path)
+            if out != "-":
+                check_kind(out)
+            if rendered is not None:
+                out = rendered_output(out, input_path, program, overwrite or resume)
         job = BatchJob(
             fn, shared, settings, backend_name, input_path=input_path, out=out,
             input_format=input_format, id_field=id_field, mapping=mapping, strict=strict,
             ordered=not unordered, window=window, resume=resume or retry_errors,
             retry_errors=retry_errors, include=fields, stream=stream, limit=limit,
             overwrite=overwrite, force=force, program_path=program,
-            row_timeout=row_timeout,
+            row_timeout=row_timeout, max_failures=max_failures, joblog=joblog,
+            delimiter=delimiter_flag(delimiter), input_columns=input_columns,
+            json_values=json_values,
+            rendered=(output, rendered) if rendered is not None and output else None,
         )  # fmt: skip
+        if dry_run:
+            from sglrun.cli.batch_job import dry_run_batch
+
+            dry_run_batch(job)
         job.prepare()
     job.run()
 
@@ -419,16 +371,46 @@ generated, then the variables are printed as JSON; --json prints only the JSON.
 """
 
 
+def _run_help(ctx: typer.Context, value: bool) -> None:
+    """``run --help``; after a PROGRAM also its docstring and parameters."""
+    if not value or ctx.resilient_parsing:
+        return
+    typer.echo(ctx.get_help())
+    tokens = INVOCATION[INVOCATION.index("run") + 1 :] if "run" in INVOCATION else []
+    programs = [t for t in tokens if t.endswith(".py") and os.path.isfile(t)]
+    if programs:
+        from sglrun.cli.loader import describe_parameters, find_functions, load_module
+
+        with usage_errors():
+            for fn in find_functions(load_module(programs[0])).values():
+                typer.echo("\n" + describe_parameters(fn))
+    raise typer.Exit(EXIT_OK)
+
+
 @app.command(
     help=RUN_HELP,
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     no_args_is_help=True,
+    add_help_option=False,
 )
 def run(
     ctx: typer.Context,
     program: ProgramArg,
+    show_help: Annotated[
+        bool,
+        typer.Option(
+            "--help",
+            "-h",
+            is_eager=True,
+            expose_value=False,
+            callback=_run_help,
+            help="Show this message (after PROGRAM: its parameters too) and exit.",
+        ),
+    ] = False,
     function: FunctionOpt = None,
-    json_only: _switch("--json", help="Print only the variables, as JSON.") = False,
+    json_only: Annotated[
+        bool, typer.Option("--json", help="Print only the variables, as JSON.")
+    ] = False,
     backend: BackendOpt = None,
     model: ModelOpt = None,
     url: UrlOpt = None,
@@ -438,63 +420,27 @@ def run(
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
     stop: StopOpt = None,
-    num_threads: ThreadsOpt = None,
+    concurrency: ThreadsOpt = None,
+    engine_threads: EngineThreadsOpt = None,
+    slots: SlotsOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    reproducible: ReproducibleOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     insecure: InsecureOpt = False,
 ) -> None:
-    shared = _Shared.pick(locals())
-    _setup_logging(verbose)
+    shared = SharedFlags.from_params(ctx.params)
+    setup_logging(verbose)
     from sglrun.cli.loader import build_backend, load_program, program_arguments
 
-    with _usage_errors():
+    with usage_errors():
         settings, backend_name = shared.settings()
         fn = load_program(program, function)
         arguments = program_arguments(fn, list(ctx.args))
         chosen = build_backend(settings, backend_name, insecure=insecure)
-    _run_once(fn, chosen, settings, arguments, json_only)
-
-
-def _run_once(
-    fn: SglFunction,
-    backend: Backend,
-    settings: Settings,
-    arguments: dict[str, Any],
-    json_only: bool,
-) -> NoReturn:
-    """Stream the text (unless --json), then print the variables; exit 1 if the program
-    failed."""
-    import json
-
-    from sglrun.batch.runner import error_info
-    from sglrun.batch.writers import to_jsonable
-    from sglrun.lang.runtime import run_program
-
-    out = sys.stdout
-    try:
-        state = run_program(fn, backend, arguments, _defaults(settings), stream=not json_only)
-        if not json_only:
-            ended_with_newline = True
-            for piece in state.text_iter():
-                out.write(piece)
-                out.flush()
-                ended_with_newline = piece.endswith("\n")
-            if not ended_with_newline:
-                out.write("\n")
-        error = state.error()
-        variables = state.variables()
-    except KeyboardInterrupt:
-        _say("sglrun: interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    out.write(json.dumps(to_jsonable(variables), ensure_ascii=False, indent=2) + "\n")
-    out.flush()
-    _shutdown(backend)
-    if error is not None:
-        info = error_info(error) or {}
-        _fail(f"{info.get('type')}: {info.get('message')}", EXIT_FAILED)
-    raise typer.Exit(EXIT_OK)
+    run_once(fn, chosen, settings, arguments, json_only)
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -503,8 +449,13 @@ def _run_once(
 @app.command("inspect", no_args_is_help=True)
 def inspect_command(
     program: ProgramArg,
-    function: _opt(str, "--function", metavar="NAME", help="Only this @function.") = None,
-    row: _opt(str, "--row", metavar="JSON", help='A sample row, e.g. \'{"text": "hi"}\'.') = None,
+    function: Annotated[
+        Optional[str], typer.Option("--function", metavar="NAME", help="Only this @function.")
+    ] = None,
+    row: Annotated[
+        Optional[str],
+        typer.Option("--row", metavar="JSON", help='A sample row, e.g. \'{"text": "hi"}\'.'),
+    ] = None,
 ) -> None:
     """List a program's functions, parameters and variables, and show the prompt a row makes
     (a dry run: no model is called; gens show as {name})."""
@@ -512,7 +463,7 @@ def inspect_command(
 
     from sglrun.cli.loader import describe_program, find_functions, load_module, load_program
 
-    with _usage_errors():
+    with usage_errors():
         sample: Any = {}
         if row is not None:
             try:
@@ -539,14 +490,14 @@ def inspect_command(
 def config_show(
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
-    as_json: _switch("--json", help="Print as JSON.") = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Print the resolved settings and where each came from (API keys are never shown)."""
     import json
 
     from sglrun.cli.config import load_settings
 
-    with _usage_errors():
+    with usage_errors():
         settings = load_settings(config_file=config, profile=profile)
     if as_json:
         typer.echo(json.dumps(settings.masked(), indent=2, default=str))
@@ -554,11 +505,49 @@ def config_show(
         from sglrun.cli.display import format_settings
 
         typer.echo(format_settings(settings))
+        if settings.backend == "local":
+            from sglrun.cli.loader import describe_engine
+
+            typer.echo(describe_engine(settings))
     raise typer.Exit(EXIT_OK)
 
 
 def main() -> None:
-    """The ``sglrun`` console script."""
-    global _STANDALONE
-    _STANDALONE = True
-    app(prog_name="sglrun")
+    """The ``sglrun`` console script. The embedded engine is stopped in order before the
+    interpreter finalizes; if a call in it cannot be stopped, the process ends without
+    finalizing (its output is flushed first), because finalizing around a busy native engine
+    is what crashes."""
+    PROCESS.standalone = True
+    code: int | str | None = 0
+    try:
+        app(prog_name="sglrun")
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:  # between typer's own handling and ours
+        code = EXIT_INTERRUPTED
+    engines = sys.modules.get("sglrun.backends.llamacpp")  # loaded only if one was made
+    try:
+        closed = engines is None or engines.close_live_engines()
+        _ignore_signals()  # the work is done: a signal now must not kill the exit half-way
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the engine: leave at once
+        _ignore_signals()
+        closed, code = False, EXIT_INTERRUPTED
+    if not closed:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code if isinstance(code, int) else EXIT_FAILED)
+    sys.exit(code)
+
+
+def _ignore_signals() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP from here on. Finalizing, Python puts the signals
+    it handled back to their default action (a SIGTERM would kill the exit mid-way), but
+    it leaves ignored ones ignored."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)

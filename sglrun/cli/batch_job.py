@@ -4,7 +4,9 @@ print the summary and exit with the batch's code (kept apart from the Typer wiri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import sys
 import threading
@@ -12,23 +14,26 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from sglrun.cli import app as cli_app
-from sglrun.cli.app import (
+from sglrun.cli.common import (
+    EXIT_CLOSED_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    _defaults,
-    _fail,
-    _one_line,
-    _resume_hint,
-    _say,
-    _shutdown,
+    PROCESS,
+    fail,
+    one_line,
+    resume_hint,
+    run_defaults,
+    say,
+    shutdown_backend,
+    silence_stdout,
 )
+from sglrun.errors import InputError
 
 if TYPE_CHECKING:
-    from sglrun.cli.app import _Shared
     from sglrun.cli.config import Settings
+    from sglrun.cli.options import SharedFlags
     from sglrun.lang.function import SglFunction
 
 __all__ = ["BatchJob"]
@@ -39,7 +44,7 @@ class BatchJob:
     """One ``sglrun batch``: ``prepare`` (errors exit 2, nothing has run) then ``run``."""
 
     fn: SglFunction
-    shared: _Shared
+    shared: SharedFlags
     settings: Settings
     backend_name: str
     input_path: str
@@ -59,6 +64,12 @@ class BatchJob:
     force: bool = False
     program_path: str | None = None
     row_timeout: float | None = None
+    max_failures: int | None = None
+    joblog: str | None = None
+    delimiter: str | None = None
+    input_columns: tuple[str, ...] | None = None
+    rendered: tuple[str, str] | None = None  # (output, kind) rendered from the journal ``out``
+    json_values: bool = False
 
     def prepare(self) -> None:
         """Open the input and output and build the backend; raises SglrunError (exit 2)."""
@@ -69,24 +80,84 @@ class BatchJob:
             self.input_path, self.out, fmt=self.input_format, id_field=self.id_field,
             limit=self.limit, resume=self.resume, retry_errors=self.retry_errors,
             overwrite=self.overwrite, force=self.force, program=self.program_path,
-            function=self.fn.name,
+            function=self.fn.name, delimiter=self.delimiter,
         )  # fmt: skip
         try:
             if self.batch.repaired:
-                _say(f"sglrun: repaired the torn last line of {self.out} (an interrupted write)")
+                say(f"sglrun: repaired the torn last line of {self.out} (an interrupted write)")
             if self.batch.removed:
                 what = "failed or changed" if self.force else "failed"
-                _say(f"sglrun: removed {self.batch.removed} {what} records from {self.out} to "
+                say(f"sglrun: removed {self.batch.removed} {what} records from {self.out} to "
                      "run them again")  # fmt: skip
+            self._check_header()
             self.backend = build_backend(
                 self.settings, self.backend_name, insecure=self.shared.insecure
             )
             self.threads = auto_threads(self.settings, self.backend_name, self.backend)
+            self._check_capabilities()
         except BaseException:
             self.batch.finish(keep=False)
             raise
+        self.log = None
+        if self.joblog is not None:
+            from sglrun.batch.joblog import JobLog
+
+            try:
+                self.log = JobLog(self.joblog)
+            except BaseException:
+                self.batch.finish(keep=False)
+                raise
         timeout = self.row_timeout if self.row_timeout is not None else self.settings.row_timeout
         self.timeout = timeout if timeout else None  # 0: no time limit
+
+    def _render(self, output: str, kind: str) -> None:
+        """The CSV/TSV/Parquet/.jsonl.gz output from every record of the journal."""
+        from sglrun.batch.render import render
+
+        try:
+            render(self.out, output, kind, list(self.input_columns or ()))
+        except (OSError, InputError) as exc:
+            fail(f"{output}: cannot write it ({one_line(exc)}); the records are in {self.out}",
+                  EXIT_FAILED)  # fmt: skip
+
+    def _check_header(self) -> None:
+        """A CSV header already shows a wrong --map or, with --strict, an extra column:
+        fail now (exit 2), before a model loads, not once per row."""
+        from sglrun.batch.convert import check_columns, param_specs
+
+        source, first = self.batch.source, self.batch.first
+        if not source.has_header or first.data is None:
+            return
+        check_columns(
+            first.data, param_specs(self.fn.func), mapping=self.mapping or None,
+            strict=self.strict, id_field=self.id_field, source=f"{source.name}: header",
+        )  # fmt: skip
+
+    def _check_capabilities(self) -> None:
+        """A dry run of the first row: what the program needs that the backend cannot do
+        fails now, before any row runs (exit 2), not as an error record per row."""
+        from sglrun.batch.convert import convert_row, param_specs
+        from sglrun.lang.tracing import missing_capabilities
+
+        first = self.batch.first
+        if first.data is None:
+            return
+        try:
+            arguments = self.fn.bind_call((), convert_row(
+                first.data, param_specs(self.fn.func), mapping=self.mapping or None,
+                id_field=self.id_field,
+            ))  # fmt: skip
+            with contextlib.redirect_stdout(io.StringIO()):  # a dry run's prints are noise
+                missing = missing_capabilities(self.fn, arguments, self.backend)
+        except Exception:  # a row or dry run that fails on its own is that row's error
+            return
+        if missing:
+            what = ", ".join(f"{need} (for {name!r})" if name else need for need, name in missing)
+            hint = self.backend.capability_hint(missing[0][0])
+            raise InputError(
+                f"{self.fn.name}: the {self.backend_name} backend cannot do what the program "
+                f"needs: {what}" + (f"; {hint}" if hint else "")
+            )
 
     def run(self) -> NoReturn:
         """Run every row, print the summary, and exit with the batch's code."""
@@ -96,6 +167,8 @@ class BatchJob:
         from sglrun.cli.display import BatchDisplay
 
         label = "<stdout>" if self.out == "-" else self.out
+        if self.rendered is not None:
+            label = self.rendered[0]
         display = BatchDisplay(
             total=None,
             description=self.fn.name,
@@ -123,7 +196,7 @@ class BatchJob:
             with stop_on_signals(stop), display:
                 stats = run_batch_file(
                     self.fn, self.batch.rows, backend=self.backend,
-                    defaults=_defaults(self.settings), num_threads=self.threads,
+                    defaults=run_defaults(self.settings), num_threads=self.threads,
                     ordered=self.ordered, window=self.window,
                     on_record=writer.write, on_progress=display.update, include=self.include,
                     stream_panel=display.stream_panel, stop_event=stop,
@@ -131,7 +204,9 @@ class BatchJob:
                     skip_ids=self.batch.skip, skip_digests=self.batch.digests,
                     source=self.batch.source.name,
                     on_warning=lambda message: display.note(f"sglrun: warning: {message}"),
-                    row_timeout=self.timeout,
+                    row_timeout=self.timeout, max_failures=self.max_failures,
+                    on_row=self.log.row if self.log is not None else None,
+                    input_columns=self.input_columns, json_values=self.json_values,
                 )  # fmt: skip
                 display.update(stats)  # the final numbers, unthrottled
         except BaseException:
@@ -144,37 +219,50 @@ class BatchJob:
                 writer.close()
             except OSError:
                 pass
+            if self.log is not None:
+                self.log.close()
             if claimed is not None:
                 claimed.restore()
         self.batch.finish(keep=stats.status != "write_error")
+        if self.rendered is not None and stats.status != "write_error":
+            self._render(*self.rendered)
         display.summary(stats, _retries(self.backend))
         self._exit(stats, label)
 
     def _exit(self, stats: Any, label: str) -> NoReturn:
         if stats.write_error is not None:
             if isinstance(stats.write_error, BrokenPipeError):  # `| head`: not worth a word
-                _silence_stdout()
-                raise typer.Exit(EXIT_FAILED)
-            _fail(f"{label}: cannot write output ({_one_line(stats.write_error)})", EXIT_FAILED)
+                shutdown_backend(self.backend)
+                silence_stdout()
+                raise typer.Exit(EXIT_CLOSED_PIPE)
+            fail(f"{label}: cannot write output ({one_line(stats.write_error)})", EXIT_FAILED)
         if stats.read_error is not None:  # the rows before the broken part ran
-            _fail(f"{_one_line(stats.read_error)}", EXIT_FAILED if stats.done else EXIT_USAGE)
+            fail(f"{one_line(stats.read_error)}", EXIT_FAILED if stats.done else EXIT_USAGE)
+        if stats.too_many_failures:
+            say(
+                f"sglrun: stopped taking rows at {stats.max_failures} failed rows "
+                f"(--max-failures {stats.max_failures}); the rows done are kept: fix the cause, "
+                "then run again with --resume --retry-errors"
+            )
+            shutdown_backend(self.backend)
+            raise typer.Exit(EXIT_FAILED)
         if stats.status == "interrupted":
-            _say(_resume_hint(self.out))
-            if stats.abandoned and cli_app._STANDALONE:  # rows still running must not hold the exit
+            say(resume_hint(self.out))
+            if stats.abandoned and PROCESS.standalone:  # rows still running must not hold the exit
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(EXIT_INTERRUPTED)
-            _shutdown(self.backend)
+            shutdown_backend(self.backend)
             raise typer.Exit(EXIT_INTERRUPTED)
-        _shutdown(self.backend)
+        shutdown_backend(self.backend)
         if stats.failed:
-            _say(
+            say(
                 f"sglrun: {stats.failed} of {stats.done} rows failed; "
                 'see the "error" field of their records'
             )
         kept = self.batch.kept_failures
         if kept:
-            _say(
+            say(
                 f"sglrun: {kept} rows that failed in an earlier run were kept; "
                 "add --retry-errors to run them again"
             )
@@ -229,9 +317,56 @@ def _retries(backend: Any) -> int:
     return retries if isinstance(retries, int) else 0
 
 
-def _silence_stdout() -> None:
-    """After a closed pipe (``| head``), keep Python's exit flush from complaining."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
+def dry_run_batch(job: BatchJob) -> NoReturn:
+    """``--dry-run``: every row's first prompt as one JSON line on stdout, without a model
+    (gens are ``{name}`` placeholders); nothing is written to OUTPUT."""
+    import json
+
+    from sglrun.batch.convert import check_columns, convert_row, param_specs
+    from sglrun.batch.readers import open_rows
+    from sglrun.cli.loader import backend_options
+    from sglrun.lang.registry import backend_entry
+    from sglrun.lang.tracing import first_prompt
+
+    entry = backend_entry(job.backend_name)
+    template = None
+    if entry.chat_template is not None:
+        try:
+            template = entry.chat_template(backend_options(job.settings))
+        except Exception:  # no model installed, say: the default template still shows
+            template = None
+    source = open_rows(
+        job.input_path, fmt=job.input_format, id_field=job.id_field, delimiter=job.delimiter
+    )
+    specs = param_specs(job.fn.func)
+    failed = 0
+    with source:
+        for count, row in enumerate(source):
+            if job.limit is not None and count >= job.limit:
+                break
+            record: dict[str, Any] = {"id": row.id, "prompt": None, "error": None}
+            try:
+                if row.error is not None or row.data is None:
+                    raise row.error or InputError("unreadable row")
+                if count == 0 and source.has_header:
+                    check_columns(
+                        row.data, specs, mapping=job.mapping or None, strict=job.strict,
+                        id_field=job.id_field, source=f"{source.name}: header",
+                    )  # fmt: skip
+                arguments = job.fn.bind_call((), convert_row(
+                    row.data, specs, mapping=job.mapping or None, strict=job.strict,
+                    source=f"{source.name}:{row.line}", id_field=job.id_field,
+                ))  # fmt: skip
+                with contextlib.redirect_stdout(io.StringIO()):
+                    record["prompt"] = first_prompt(job.fn, arguments, template)
+            except InputError as exc:
+                if count == 0 and "header" in str(exc):
+                    raise
+                failed += 1
+                record["error"] = {"type": type(exc).__name__, "message": one_line(exc)}
+            except Exception as exc:  # the program's own failure on this row
+                failed += 1
+                record["error"] = {"type": type(exc).__name__, "message": one_line(exc)}
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)

@@ -22,7 +22,7 @@ import yaml
 
 from sglrun.errors import ConfigError, InvalidArgumentError
 
-__all__ = ["KEYS", "Settings", "load_settings"]
+__all__ = ["ALIASES", "KEYS", "Settings", "load_settings"]
 KEYS = (
     "backend",
     "url",
@@ -33,13 +33,19 @@ KEYS = (
     "top_p",
     "top_k",
     "stop",
-    "num_threads",
+    "concurrency",
     "timeout",
     "retries",
     "coalesce",
     "row_timeout",
+    "engine_threads",
+    "slots",
+    "ctx_size",
+    "reproducible",
     "default_profile",
 )
+#: Old names still read (files, ``SGLRUN_*``, flags): ``num_threads`` meant rows in parallel.
+ALIASES = {"num_threads": "concurrency"}
 _SAMPLING = ("temperature", "max_new_tokens", "top_p", "top_k", "stop")
 # Where the key usually lives when the configuration does not say.
 _DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -65,11 +71,16 @@ class Settings:
     top_p: float | None = None
     top_k: int | None = None
     stop: list[str] | None = None
-    num_threads: int | str = "auto"
+    concurrency: int | str = "auto"  # programs (rows) in flight at once
     timeout: float = 600.0
     retries: int = 2
     coalesce: bool = True  # SGLang: requests made together travel as one list request
     row_timeout: float = 600.0  # seconds a batch row may run (0: no limit)
+    # The embedded engine (backend local); None: chosen when it starts (see LlamaCpp).
+    engine_threads: int | str = "auto"  # CPU threads computing the model
+    slots: int | None = None  # sequences decoded together
+    ctx_size: int | None = None  # context tokens, all slots together
+    reproducible: bool = False  # one slot, no prompt reuse: same greedy text every run
     default_profile: str | None = None
     profile: str | None = None
     files: list[str] = field(default_factory=list)
@@ -171,6 +182,19 @@ def _integer(low: int) -> Callable[[Any], int]:
     return check
 
 
+def _sampling(key: str) -> Callable[[Any], Any]:
+    """A sampling default, checked by the language's own table (``lang/sampling.py``)."""
+    from sglrun.lang.sampling import sampling_problem
+
+    def check(value: Any) -> Any:
+        problem = sampling_problem(key, value)
+        if problem is not None:
+            raise _Bad(problem)
+        return float(value) if key in ("temperature", "top_p") else value
+
+    return check
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Bad("true or false")
@@ -188,16 +212,20 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "url": _string_list,
     "model": _string,
     "api_key_env": _env_name,
-    "temperature": _number(0),
-    "max_new_tokens": _integer(1),
-    "top_p": _number(0, 1, open_low=True),
-    "top_k": _integer(-1),
+    "temperature": _sampling("temperature"),
+    "max_new_tokens": _sampling("max_new_tokens"),
+    "top_p": _sampling("top_p"),
+    "top_k": _sampling("top_k"),
     "stop": _string_list,
-    "num_threads": _threads,
+    "concurrency": _threads,
     "timeout": _number(0, open_low=True),
     "retries": _integer(0),
     "coalesce": _boolean,
     "row_timeout": _number(0),
+    "engine_threads": _threads,
+    "slots": _integer(1),
+    "ctx_size": _integer(256),
+    "reproducible": _boolean,
     "default_profile": _string,
 }
 
@@ -232,12 +260,13 @@ def _from_text(key: str, text: str) -> Any:
             return json.loads(text)
         except ValueError:
             return text
-    if key in ("max_new_tokens", "top_k", "retries") or (key == "num_threads" and text != "auto"):
+    integers = ("max_new_tokens", "top_k", "retries", "slots", "ctx_size")
+    if key in integers or (key in ("concurrency", "engine_threads") and text != "auto"):
         try:
             return int(text)
         except ValueError:
             return text
-    if key == "coalesce" and text.lower() in _BOOLEAN_TEXT:
+    if key in ("coalesce", "reproducible") and text.lower() in _BOOLEAN_TEXT:
         return _BOOLEAN_TEXT[text.lower()]
     if key in ("temperature", "top_p", "timeout", "row_timeout"):
         try:
@@ -267,11 +296,12 @@ def _unknown_key(where: str, key: Any, valid: tuple[str, ...]) -> ConfigError:
 
 def _section(data: Mapping[Any, Any], where: str, valid: tuple[str, ...]) -> dict[str, Any]:
     values = {}
-    for key, value in data.items():
+    for written, value in data.items():
+        key = ALIASES.get(written, written)
         if key not in valid:
             raise _unknown_key(where, key, valid)
         if key != "profiles":
-            values[key] = _check(key, value, f"{where}: key {key!r}")
+            values[key] = _check(key, value, f"{where}: key {written!r}")
     return values
 
 
@@ -325,9 +355,12 @@ def _files(config_file: str | None, cwd: Path, user_dir: Path | None) -> list[_F
 
 def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     values = {}
-    for key in KEYS:
-        var = f"SGLRUN_{key.upper()}"
+    names = [(key, key) for key in KEYS] + [(old, new) for old, new in ALIASES.items()]
+    for name, key in names:
+        var = f"SGLRUN_{name.upper()}"
         text = env.get(var)
+        if key in values and text is not None:  # the current name wins over the old one
+            continue
         if key == "default_profile" or text is None or not text.strip():
             continue
         where = f"environment variable {var}"
@@ -335,14 +368,21 @@ def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     return values
 
 
+def _old_names(key: str) -> list[str]:
+    return [old for old, new in ALIASES.items() if new == key]
+
+
 def _flag_values(flags: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
     values = {}
     for key, value in flags.items():
+        key = ALIASES.get(key, key)
         if key not in KEYS:
             raise InvalidArgumentError(f"unknown settings flag {key!r}; known: {', '.join(KEYS)}")
         if value is None:
             continue
-        option = "--" + key.replace("_", "-")
+        option = "/".join(
+            "--" + name.replace("_", "-") for name in (key, *_old_names(key))
+        )  # what the user may have typed
         if isinstance(value, str) and key not in ("backend", "model", "api_key_env"):
             value = _from_text(key, value)
         values[key] = (_check(key, value, f"command-line option {option}"), f"flag {option}")

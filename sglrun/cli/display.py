@@ -69,9 +69,14 @@ def _seconds(value: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def _latency(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else _seconds(value)
+
+
 def format_summary(stats: BatchStats, output: str | None = None, retries: int = 0) -> str:
     """The one line printed at the end of a batch, e.g.
-    ``sglrun: 24 rows, 23 ok, 1 failed, 3.2 rows/s, 210 tok/s, 7.5 s -> out.jsonl``."""
+    ``sglrun: 24 rows, 23 ok, 1 failed, 3.2 rows/s, 210 tok/s, tokens 9,120 in / 1,575 out,
+    850 ms/row, 7.5 s -> out.jsonl`` (s/row: a row's own mean run time, its latency)."""
     head = "sglrun: interrupted after" if stats.status == "interrupted" else "sglrun:"
     rows = stats.done + stats.skipped
     parts = [f"{head} {rows} rows", f"{stats.ok} ok", f"{stats.failed} failed"]
@@ -84,6 +89,8 @@ def format_summary(stats: BatchStats, output: str | None = None, retries: int = 
     parts += [
         f"{_rate(stats.rows_per_second)} rows/s",
         f"{_rate(stats.tokens_per_second)} tok/s",
+        f"tokens {stats.prompt_tokens:,} in / {stats.tokens:,} out",
+        f"{_latency(stats.mean_latency)}/row",
         _seconds(stats.elapsed),
     ]
     line = ", ".join(parts)

@@ -29,6 +29,8 @@ __all__ = [
     "backend_options",
     "build_backend",
     "check_mapping",
+    "describe_engine",
+    "describe_parameters",
     "describe_program",
     "find_functions",
     "load_module",
@@ -214,6 +216,30 @@ def _annotation_text(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def parameter_lines(fn: SglFunction, indent: str, *, as_options: bool = False) -> list[str]:
+    """One line per parameter of ``fn``: name (or ``--name``), type, default or required."""
+    from sglrun.batch.convert import param_specs
+
+    lines = []
+    for spec in param_specs(fn.func):
+        kind = _annotation_text(spec.annotation)
+        name = _option(spec.name) if as_options else spec.name
+        text = f"{indent}{name}" + (f": {kind}" if kind else "")
+        lines.append(text + (f" = {spec.default!r}" if spec.has_default else "  (required)"))
+    return lines or [f"{indent}(none)"]
+
+
+def describe_parameters(fn: SglFunction) -> str:
+    """The part of ``sglrun run PROGRAM --help`` about the program itself."""
+    doc = (fn.func.__doc__ or "").strip()
+    head = [f"Program {fn.name} ({fn.func.__code__.co_filename}):"]
+    if doc:
+        head += ["", *("  " + line.strip() for line in doc.splitlines())]
+    return "\n".join(
+        [*head, "", "Program parameters (after --):", *parameter_lines(fn, "  ", as_options=True)]
+    )
+
+
 def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
     """What ``sglrun inspect`` prints: parameters, the variables a dry run produces and the
     prompt of ``sample`` (missing parameters show as ``{name}``); no model is called."""
@@ -234,16 +260,20 @@ def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
     if doc:
         lines.append(f"  {doc[0]}")
     lines.append("  parameters:")
-    for spec in specs:
-        kind = _annotation_text(spec.annotation)
-        text = f"    {spec.name}" + (f": {kind}" if kind else "")
-        lines.append(text + (f" = {spec.default!r}" if spec.has_default else "  (required)"))
-    if not specs:
-        lines.append("    (none)")
+    lines.extend(parameter_lines(fn, "    "))
     state = fn.trace(**arguments)
     error = state.error()
     variables = list(state.variables())
     lines.append("  variables: " + (", ".join(variables) if variables else "(none)"))
+    from sglrun.lang.tracing import needs_of
+
+    try:
+        needs = needs_of(fn, arguments)
+    except Exception:  # the dry run's own failure is reported below
+        needs = {}
+    if needs:
+        shown = ", ".join(f"{need} ({name})" if name else need for need, name in needs.items())
+        lines.append(f"  needs of a backend: {shown}")
     if error is not None:
         lines.append(f"  dry run stopped: {type(error).__name__}: {_one_line(str(error))}")
     lines.append("  prompt" + (" (sample row)" if sample else " ({param} = not given)") + ":")
@@ -252,6 +282,7 @@ def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- settings, backend
+
 
 def resolve_settings(
     flags: dict[str, Any], *, config_file: str | None, profile: str | None
@@ -276,6 +307,30 @@ def backend_options(settings: Settings, *, insecure: bool = False) -> BackendOpt
         retries=settings.retries,
         verify=False if insecure else None,
         coalesce=settings.coalesce,
+        engine_threads=None if settings.engine_threads == "auto" else int(settings.engine_threads),
+        slots=settings.slots,
+        ctx_size=settings.ctx_size,
+        reproducible=settings.reproducible,
+    )
+
+
+def describe_engine(settings: Settings) -> str:
+    """What the embedded engine would run with (``config show``), found without loading it."""
+    from sglrun.backends.llamacpp_support import CTX_PER_SLOT, DEFAULT_SLOTS, default_threads
+    from sglrun.backends.model_path import resolve_model_path
+
+    try:
+        gguf = str(resolve_model_path(settings.model))
+    except Exception as exc:  # a missing model file is shown, not fatal, here
+        gguf = f"(not found: {_one_line(str(exc))})"
+    threads = settings.engine_threads
+    shown = f"{threads}" if threads != "auto" else f"auto = {default_threads()} now"
+    slots = 1 if settings.reproducible else settings.slots or DEFAULT_SLOTS
+    context = settings.ctx_size or slots * CTX_PER_SLOT
+    return (
+        f"engine: {gguf}, {shown} threads, {slots} slots, "
+        f"context {context} tokens ({context // slots} per slot)"
+        + (", reproducible (no prompt reuse)" if settings.reproducible else "")
     )
 
 
@@ -305,10 +360,10 @@ def build_backend(settings: Settings, name: str, *, insecure: bool = False) -> B
 
 
 def auto_threads(settings: Settings, name: str, backend: Backend) -> int:
-    """``--num-threads N``, or for ``auto`` the scheduler's policy for the backend (the same
+    """``--concurrency N``, or for ``auto`` the scheduler's policy for the backend (the same
     as ``run_batch(num_threads="auto")``)."""
     from sglrun.lang.scheduler import auto_concurrency
 
-    if isinstance(settings.num_threads, int):
-        return settings.num_threads
+    if isinstance(settings.concurrency, int):
+        return settings.concurrency
     return auto_concurrency(backend)

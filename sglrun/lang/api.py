@@ -54,9 +54,7 @@ __all__ = [
 ]
 
 
-def function(
-    func: Callable[..., Any] | None = None, num_api_spec_tokens: int | None = None
-) -> Any:
+def function(func: Callable[..., Any] | None = None, num_api_spec_tokens: int | None = None) -> Any:
     """Decorate a program: ``@function`` or ``@function(num_api_spec_tokens=N)``."""
     if func is not None:
         return SglFunction(func, num_api_spec_tokens=num_api_spec_tokens)
@@ -141,7 +139,7 @@ def gen(
             0.0 if temperature is None else temperature,
             token_length_normalized if choices_method is None else choices_method,
         )
-    values = dict(
+    values: dict[str, Any] = dict(
         max_tokens=max_tokens, min_tokens=min_tokens, n=n, stop=stop,
         stop_token_ids=stop_token_ids, stop_regex=stop_regex, temperature=temperature,
         top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,

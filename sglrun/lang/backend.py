@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sglrun.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 
 __all__ = [
+    "CAPABILITIES",
     "Backend",
     "ChunkCallback",
     "GenerateRequest",
@@ -45,6 +46,20 @@ class ImageData:
         return f"data:{self.mime_type};base64,{self.base64_data}"
 
 
+CAPABILITIES: tuple[str, ...] = (
+    "regex",  # regex, dtype and gen_int/gen_string constraints
+    "json_schema",
+    "images",
+    "logprobs",  # return_logprob and top logprobs
+    "n",  # several samples per gen
+    "stop_regex",
+    "stop_token_ids",
+    "select",
+    "prefill",  # a gen after text inside an assistant turn (chat APIs)
+)
+"""What a program can need that not every backend can do (``Backend.supports``)."""
+
+
 @dataclasses.dataclass(slots=True)
 class GenerateRequest:
     """One generation. ``prompt`` is the whole text so far (completion-style backends);
@@ -58,6 +73,28 @@ class GenerateRequest:
     role_text: str = ""
     images: list[ImageData] = dataclasses.field(default_factory=list)
     name: str | None = None  # the variable the result goes to (for logs and test doubles)
+
+    def needs(self) -> list[str]:
+        """The capabilities (``CAPABILITIES``) this request needs of a backend."""
+        p = self.params
+        found = []
+        if p.regex is not None or p.dtype is not None:
+            found.append("regex")
+        if p.json_schema is not None:
+            found.append("json_schema")
+        if self.images:
+            found.append("images")
+        if p.return_logprob:
+            found.append("logprobs")
+        if (p.n or 1) > 1:
+            found.append("n")
+        if p.stop_regex:
+            found.append("stop_regex")
+        if p.stop_token_ids:
+            found.append("stop_token_ids")
+        if self.role == "assistant" and self.role_text.strip():
+            found.append("prefill")
+        return found
 
 
 @dataclasses.dataclass(slots=True)
@@ -84,6 +121,10 @@ class SelectRequest:
     images: list[ImageData] = dataclasses.field(default_factory=list)
     name: str | None = None
 
+    def needs(self) -> list[str]:
+        """The capabilities this request needs of a backend."""
+        return ["select", *(["images"] if self.images else [])]
+
 
 class Backend:
     """Base class of all backends. Subclasses implement ``generate`` and ``select``."""
@@ -96,6 +137,19 @@ class Backend:
     #: thread: all its waiting goes through the hub (HTTP backends). Other backends are
     #: called from the hub's worker threads.
     cooperative: bool = False
+    #: What this backend can do, of ``CAPABILITIES`` (``supports`` may know better at run
+    #: time, e.g. once it knows which server it talks to).
+    capabilities: frozenset[str] = frozenset(CAPABILITIES)
+
+    def supports(self, capability: str) -> bool:
+        """Whether this backend can do ``capability`` (one of ``CAPABILITIES``). The
+        interpreter asks before each request, and ``sglrun batch`` and ``inspect`` before the
+        first one, so a program fails with one clear line instead of half-way."""
+        return capability in self.capabilities
+
+    def capability_hint(self, capability: str) -> str:
+        """Why ``capability`` is missing, or what to use instead (for the error message)."""
+        return ""
 
     def get_chat_template(self) -> ChatTemplate:
         from sglrun.lang.chat_template import get_chat_template

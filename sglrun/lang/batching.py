@@ -116,4 +116,3 @@ class Batches:
         for position, (task, task_token) in enumerate(waiters):
             outcome = None if error is not None else outcomes[position]
             self.hub.ready(task, task_token, outcome, error)
-

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ class ChatTemplate:
         else:
             object.__setattr__(self, "stop_str", tuple(self.stop_str))
 
-    def get_prefix_and_suffix(self, role: str, hist_messages: list[dict]) -> tuple[str, str]:
+    def get_prefix_and_suffix(self, role: str, hist_messages: Sequence[Any]) -> tuple[str, str]:
         """Framing of a ``role`` turn that follows ``hist_messages``; unknown roles get none."""
         prefix, suffix = self.role_prefix_and_suffix.get(role, ("", ""))
         if self.style == "llama2":

@@ -8,50 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from sglrun.errors import InvalidArgumentError
 from sglrun.lang.ir import SamplingParams
+from sglrun.lang.sampling import check_sampling
 
 if TYPE_CHECKING:
     from sglrun.lang.backend import Backend
     from sglrun.lang.state import ProgramState
 
 __all__ = ["SglFunction", "check_sampling"]
-
-_NUMBER = (int, float)
-# name -> (accepted types, check, description)
-_SAMPLING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
-    "max_new_tokens": ((int,), lambda v: v >= 0, "an int >= 0"),
-    "max_tokens": ((int,), lambda v: v >= 0, "an int >= 0"),
-    "min_new_tokens": ((int,), lambda v: v >= 0, "an int >= 0"),
-    "min_tokens": ((int,), lambda v: v >= 0, "an int >= 0"),
-    "n": ((int,), lambda v: v >= 1, "an int >= 1"),
-    "stop": ((str, list, tuple), lambda v: True, "a str or a list of str"),
-    "stop_token_ids": ((list, tuple), lambda v: True, "a list of int"),
-    "stop_regex": ((str, list, tuple), lambda v: True, "a str or a list of str"),
-    "temperature": (_NUMBER, lambda v: v >= 0, "a number >= 0"),
-    "top_p": (_NUMBER, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": ((int,), lambda v: v == -1 or v >= 1, "-1 or an int >= 1"),
-    "min_p": (_NUMBER, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "frequency_penalty": (_NUMBER, lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
-    "presence_penalty": (_NUMBER, lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
-    "ignore_eos": ((bool,), lambda v: True, "a bool"),
-    "return_logprob": ((bool,), lambda v: True, "a bool"),
-    "logprob_start_len": ((int,), lambda v: True, "an int"),
-    "top_logprobs_num": ((int,), lambda v: v >= 0, "an int >= 0"),
-    "return_text_in_logprobs": ((bool,), lambda v: True, "a bool"),
-}
-
-
-def check_sampling(where: str, values: dict[str, Any]) -> None:
-    """Fail at the call, with one clear line, on a wrongly typed sampling value."""
-    for key, value in values.items():
-        if value is None or key not in _SAMPLING_RULES:
-            continue
-        types, ok, description = _SAMPLING_RULES[key]
-        bad_type = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-        if bad_type or not ok(value):
-            raise InvalidArgumentError(f"{where}: {key} must be {description}, not {value!r}")
-        if key in ("stop", "stop_regex") and not isinstance(value, str):
-            if not all(isinstance(item, str) for item in value):
-                raise InvalidArgumentError(f"{where}: {key} must be a str or a list of str")
 
 
 class SglFunction:
@@ -98,9 +61,7 @@ class SglFunction:
     # ------------------------------------------------------------ arguments
     def bind(self, **kwargs: Any) -> SglFunction:
         self._check_names(kwargs)
-        return SglFunction(
-            self.func, self.num_api_spec_tokens, {**self.bind_arguments, **kwargs}
-        )
+        return SglFunction(self.func, self.num_api_spec_tokens, {**self.bind_arguments, **kwargs})
 
     def _check_names(self, kwargs: dict[str, Any]) -> None:
         accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in self.arg_params)

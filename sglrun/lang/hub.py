@@ -485,7 +485,7 @@ class Hub:
         with self._slice_lock:
             task = self.running
             deadline = task.deadline if task is not None else None
-            if deadline is None or now < deadline or self._interrupting:
+            if task is None or deadline is None or now < deadline or self._interrupting:
                 return False
             self._interrupting = True
             task.deadline = None  # once per task

@@ -116,8 +116,18 @@ class Executor:
                     self.sync.notify()
 
     def call_backend(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call the backend; on a hub, one that would block the thread runs on a worker."""
-        if self.backend.cooperative and "on_chunk" not in kwargs:
+        """Call the backend (once it says it can do what the request needs); on a hub, one
+        that would block the thread runs on a worker."""
+        backend = self.backend
+        for request in args[:1]:
+            for capability in request.needs():
+                if not backend.supports(capability):
+                    hint = backend.capability_hint(capability)
+                    where = f"needed by {request.name or 'a gen'!r}"
+                    raise UnsupportedCapabilityError(
+                        capability, backend.name, f"{hint} ({where})" if hint else where
+                    )
+        if backend.cooperative and "on_chunk" not in kwargs:
             return method(*args, **kwargs)
         return run_blocking(method, *args, **kwargs)
 
@@ -235,14 +245,17 @@ class Executor:
             result = self.call_backend(self.backend.generate, self._request(params, name))
         meta = dict(result.meta_info)
         meta.setdefault("e2e_latency", time.perf_counter() - started)
-        text = result.text
-        if isinstance(text, list):
-            self.fill(text[0] if text else "")
-            value: Any = [parse_dtype(t, params.dtype, name) for t in text]
+        if params.json_schema is not None:
+            meta["constraint"] = "json_schema"  # the text is a JSON document (--json-values)
+        produced = result.text
+        dtype = None if meta.get("dry_run") else params.dtype  # a placeholder stays as it is
+        if isinstance(produced, list):
+            self.fill(produced[0] if produced else "")
+            value: Any = [parse_dtype(t, dtype, name) for t in produced]
         else:
             if not streamed:
-                self.fill(text)
-            value = parse_dtype(text, params.dtype, name)
+                self.fill(produced)
+            value = parse_dtype(produced, dtype, name)
         self.sync.produce(name, value, meta)
 
     def _streamed_gen(self, name: str | None, params: SamplingParams) -> GenerateResult:

@@ -45,6 +45,7 @@ class BackendOptions:
     engine_threads: int | None = None  # the embedded engine's compute threads
     slots: int | None = None  # the embedded engine's parallel sequences
     ctx_size: int | None = None  # the embedded engine's context (all slots together)
+    reproducible: bool = False  # the embedded engine: same greedy output run after run
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

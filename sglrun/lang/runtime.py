@@ -145,8 +145,7 @@ def _run_rows(
     rows: list[dict[str, Any]],
     defaults: SamplingParams,
     concurrency: int,
-    progress: Callable[[int, str], AbstractContextManager[Callable[[ProgramState], None]]]
-    | None,
+    progress: Callable[[int, str], AbstractContextManager[Callable[[ProgramState], None]]] | None,
 ) -> Iterator[ProgramState]:
     """Yield states in input order; the scheduler keeps ``concurrency`` programs in flight."""
 

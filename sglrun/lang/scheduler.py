@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +168,7 @@ class Scheduler:
         stop: threading.Event | None = None,
         grace: float = 5.0,
         admit: Callable[[int], bool] | None = None,
-    ) -> Iterator[Finished]:
+    ) -> Generator[Finished, None, None]:
         """Run ``function(item)`` for every item; yield each ``Finished`` as it finishes.
 
         ``admit(index)`` may hold back new rows (an output window that is full); it is
@@ -176,8 +176,9 @@ class Scheduler:
         ``grace`` seconds, then the rest are abandoned (``self.abandoned``) and the iteration
         ends."""
         with fewer_collections():
-            if current_task() is not None:  # a batch inside a program: drive it right here
-                run = _Run(self, current_task().hub, function, items, stop, grace, admit)
+            outer = current_task()
+            if outer is not None:  # a batch inside a program: drive it right here
+                run = _Run(self, outer.hub, function, items, stop, grace, admit)
                 yield from run.loop()
                 return
             yield from self._on_shared_hub(function, items, stop, grace, admit)
@@ -495,4 +496,3 @@ def fewer_collections() -> Iterator[None]:
     finally:
         if gc.get_threshold() == ours:
             gc.set_threshold(*saved)
-

@@ -177,7 +177,8 @@ class ProgramState:
         loop = asyncio.get_running_loop()
         if not executor.stream:
             value = self.text() if var_name is None else str(self.get_var(var_name))
-            yield (value, meta_info.get(var_name)) if return_meta_data else value
+            meta = meta_info.get(var_name) if var_name is not None else None
+            yield (value, meta) if return_meta_data else value
             return
         seen = 0
         while True:

@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from sglrun.lang.function import SglFunction
     from sglrun.lang.state import ProgramState
 
-__all__ = ["PlaceholderBackend", "dry_run", "shared_prefix"]
+__all__ = [
+    "PlaceholderBackend",
+    "dry_run",
+    "first_prompt",
+    "missing_capabilities",
+    "needs_of",
+    "shared_prefix",
+]
 
 PLACEHOLDER = "{{{name}}}"
 
@@ -34,17 +41,57 @@ class PlaceholderBackend(Backend):
 
     def __init__(self, chat_template: ChatTemplate) -> None:
         self.template = chat_template
+        self.needs: dict[str, str] = {}  # capability -> the first variable that needed it
+        self.prompts: list[str] = []  # the prompt of every request, in order
 
     def get_chat_template(self) -> ChatTemplate:
         return self.template
 
+    def _note(self, request: GenerateRequest | SelectRequest) -> None:
+        self.prompts.append(request.prompt)
+        for capability in request.needs():
+            self.needs.setdefault(capability, request.name or "")
+
     def generate(self, request: GenerateRequest, on_chunk: Any = None) -> GenerateResult:
+        self._note(request)
         text = PLACEHOLDER.format(name=request.name or "gen")
         count = request.params.n or 1
         return GenerateResult(text if count == 1 else [text] * count, {"dry_run": True})
 
     def select(self, request: SelectRequest) -> ChoicesDecision:
+        self._note(request)
         return ChoicesDecision(request.choices[0], {"dry_run": True})
+
+
+def needs_of(
+    function: SglFunction, arguments: dict[str, Any], chat_template: ChatTemplate | None = None
+) -> dict[str, str]:
+    """What a dry run of ``function`` on ``arguments`` needs of a backend: each capability
+    with the first variable that needed it (``Backend.supports`` then says yes or no)."""
+    backend = PlaceholderBackend(chat_template or _template_for_dry_run())
+    _dry(function, arguments, backend)
+    return backend.needs
+
+
+def missing_capabilities(
+    function: SglFunction, arguments: dict[str, Any], backend: Backend
+) -> list[tuple[str, str]]:
+    """``(capability, variable)`` for what the program needs and ``backend`` cannot do."""
+    needs = needs_of(function, arguments, backend.get_chat_template())
+    return [(need, name) for need, name in needs.items() if not backend.supports(need)]
+
+
+def first_prompt(
+    function: SglFunction, arguments: dict[str, Any], chat_template: ChatTemplate | None = None
+) -> str | None:
+    """The prompt of the program's first model call on ``arguments`` (None: it makes none),
+    found by a dry run; the program's own exception propagates."""
+    backend = PlaceholderBackend(chat_template or _template_for_dry_run())
+    state = _dry(function, arguments, backend)
+    error = state.error()
+    if error is not None and not backend.prompts:
+        raise error
+    return backend.prompts[0] if backend.prompts else None
 
 
 def _template_for_dry_run() -> ChatTemplate:
@@ -68,7 +115,10 @@ def dry_run(
     """Run without a model: gens produce ``{name}`` placeholders, selects their first choice.
     Missing arguments become ``{param}`` placeholders too."""
     template = chat_template or _template_for_dry_run()
-    backend = PlaceholderBackend(template)
+    return _dry(function, arguments, PlaceholderBackend(template))
+
+
+def _dry(function: SglFunction, arguments: dict[str, Any], backend: Backend) -> ProgramState:
     filled = {}
     for param in function.arg_params:
         if param.name in arguments:
@@ -77,6 +127,7 @@ def dry_run(
             filled[param.name] = param.default
         elif param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             filled[param.name] = PLACEHOLDER.format(name=param.name)
+    template = backend.get_chat_template()
     state = new_state(function, backend, filled, SamplingParams.defaults(), chat_template=template)
     execute(function, state, filled)
     return state

@@ -11,8 +11,9 @@ import threading
 import pytest
 from sglang_stub import StubServer, fake_logprob, tokenize
 
+from sglrun.backends.common import match_choice
 from sglrun.backends.openai import OpenAI, guess_is_chat_model
-from sglrun.backends.openai_constraints import _own_regex_to_gbnf, choices_gbnf, match_choice
+from sglrun.backends.openai_dialects import choices_gbnf, regex_to_gbnf
 from sglrun.errors import InvalidArgumentError, ServerError, UnsupportedCapabilityError
 from sglrun.lang.backend import GenerateRequest, ImageData, SelectRequest
 from sglrun.lang.choices import token_length_normalized, unconditional_likelihood_normalized
@@ -371,15 +372,13 @@ def test_guess_is_chat_model():
     assert not guess_is_chat_model("davinci-002")
 
 
-def test_regex_to_gbnf_converter():
-    assert _own_regex_to_gbnf(r"(yes|no), [0-9]{2}") == 'root ::= ("yes" | "no") ", " [0-9]{2}'
-    assert _own_regex_to_gbnf(REGEX_INT) == r"root ::= [\x2D+]? [0-9]+ [ \n]*"
-    assert _own_regex_to_gbnf(r'^"a\.b"?$') == r'root ::= "\"a.b" "\""?'
-    assert _own_regex_to_gbnf(r"[^\]x]\w+?") == r"root ::= [^\x5Dx] [a-zA-Z0-9_]+"
-    assert _own_regex_to_gbnf(r"(?:ab){2,}|c{,3}") == 'root ::= ("ab"){2,} | "c"{0,3}'
-    for bad in [r"(a)\1", r"(?=a)b", r"\bx", r"[ab"]:
-        with pytest.raises(UnsupportedCapabilityError):
-            _own_regex_to_gbnf(bad)
+def test_regex_to_gbnf_names_this_backend_and_refuses_what_no_grammar_can_do():
+    # The conversion itself is the embedded engine's (tests/backends/test_grammar.py), and
+    # llama.cpp's server enforcing it is tested against the real server above.
+    assert regex_to_gbnf(r"(yes|no), [0-9]{2}").startswith("root ::= ")
+    for bad in [r"(a)\1", r"(?=a)b", r"\bx"]:
+        with pytest.raises(UnsupportedCapabilityError, match="OpenAI backend"):
+            regex_to_gbnf(bad)
     assert choices_gbnf(['say "hi"', "a\nb"]) == r'root ::= "say \"hi\"" | "a\nb"'
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 from typer.testing import CliRunner
 
 from sglrun.cli.app import app
 
-from .conftest import read_jsonl, write_jsonl, write_program
+from .conftest import ROOT, SGLRUN, clean_env, read_jsonl, write_jsonl, write_program
 
 FAKE = ["--backend", "fake"]
 
@@ -281,7 +283,7 @@ def test_unwritable_output_fails_before_any_row(isolated):
         (["rows.jsonl", "--limit", "0"], "--limit"),
         (["rows.jsonl", "--temperature", "hot"], "--temperature"),
         (["rows.jsonl", "--backend", "nowhere"], "--backend"),
-        (["rows.jsonl", "-o", "out.csv"], "JSON Lines"),
+        (["rows.jsonl", "-o", "out.xlsx"], "unknown output format"),
         (["rows.jsonl", "-o", "rows.jsonl"], "overwrite the input"),
         (["missing.jsonl"], "no such input file"),
         (["empty.jsonl"], "no rows"),
@@ -308,13 +310,52 @@ def test_broken_csv_header_is_exit_2(isolated):
 # ----------------------------------------------------------------------------- run
 
 
-def test_run_streams_text_then_prints_variables(isolated):
+def test_run_into_a_pipe_prints_only_the_json(isolated):
+    """Not a terminal (`sglrun run prog.py | jq`): stdout carries the variables alone."""
     program = write_program(isolated)
     result = invoke("run", str(program), *FAKE, "--", "--question", "hi", "--times", "2")
     assert result.exit_code == 0, result.stderr
-    text, _, tail = result.stdout.partition("\n{")
+    assert json.loads(result.stdout) == {"answer": "hello world"}
+
+
+def test_run_on_a_terminal_streams_text_then_prints_variables(isolated):
+    import pty
+
+    program = write_program(isolated)
+    leader, follower = pty.openpty()
+    args = ["run", str(program), *FAKE, "--", "--question", "hi", "--times", "2"]
+    with subprocess.Popen(
+        [SGLRUN, *args], stdout=follower, stderr=subprocess.PIPE, cwd=isolated,
+        env=clean_env(isolated),
+    ) as process:  # fmt: skip
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        process.wait(60)
+    os.close(leader)
+    out = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert process.returncode == 0, process.stderr
+    text, _, tail = out.partition("\n{")
     assert text == "Q: hihi\nA:hello world"
     assert json.loads("{" + tail) == {"answer": "hello world"}
+
+
+def test_run_help_after_a_program_shows_its_parameters(isolated):
+    program = write_program(isolated)
+    result = invoke("run", str(program), "--help")
+    assert result.exit_code == 0, result.stderr
+    assert "--backend" in result.stdout  # the command's own help comes first
+    part = result.stdout[result.stdout.index("Program parameters") :]
+    assert "--question: str  (required)" in part
+    assert "--times: int = 1" in part and "--loud: bool = False" in part
+    assert "Answer a question." in result.stdout  # the program's docstring
 
 
 def test_run_json_prints_only_json_and_bool_flags_work(isolated):
@@ -329,7 +370,21 @@ def test_run_program_error_is_exit_1(isolated):
     program = write_program(isolated)
     result = invoke("run", str(program), "--json", *FAKE, "--", "--question", "boom")
     assert result.exit_code == 1
-    assert "ValueError: the program refused this row" in one_error_line(result)
+    line = one_error_line(result)
+    assert "ValueError: the program refused this row" in line
+    raising = next(
+        number
+        for number, text in enumerate(program.read_text().splitlines(), 1)
+        if "raise ValueError" in text
+    )
+    assert f"prog.py:{raising}: ValueError" in line  # the program's own line
+
+
+def test_run_program_error_traceback_with_verbose(isolated):
+    program = write_program(isolated)
+    result = invoke("run", str(program), "-v", "--json", *FAKE, "--", "--question", "boom")
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "raise ValueError" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -468,3 +523,96 @@ def test_summary_mentions_retries():
     assert "retr" not in format_summary(stats, "out.jsonl")
     line = format_summary(stats, "out.jsonl", retries=4)
     assert ", 4 retries," in line and line.endswith("-> out.jsonl")
+
+
+# ----------------------------------------------------------------------------- capabilities
+
+TYPED = """
+import sglrun as sgl
+
+
+@sgl.function
+def typed(s, question: str):
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("age", regex="[0-9]+", max_tokens=4))
+"""
+
+
+def test_a_backend_that_cannot_run_the_program_fails_before_any_row(isolated, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "backends"))
+    from anthropic_stub import AnthropicStub
+
+    program = write_program(isolated, TYPED)
+    write_jsonl(isolated / "rows.jsonl", [{"question": "how old?"}] * 3)
+    with AnthropicStub(api_key="ant-key") as stub:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "ant-key")
+        result = invoke(
+            "batch", str(program), "rows.jsonl", "--backend", "anthropic", "--model",
+            "claude-test", "--url", stub.url,
+        )  # fmt: skip
+        assert result.exit_code == 2
+        line = one_error_line(result)
+        assert "cannot do what the program needs: regex (for 'age')" in line
+        assert not [r for r in stub.requests if r["path"] == "/v1/messages"]
+    assert not (isolated / "rows.out.jsonl").exists()
+
+
+def test_inspect_says_what_the_program_needs_of_a_backend(isolated):
+    program = write_program(isolated, TYPED)
+    result = invoke("inspect", str(program))
+    assert result.exit_code == 0
+    assert "needs of a backend: regex (age)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("header", "flags", "expected"),
+    [
+        ("body,times", ["--map", "question=bod"], "header: missing required argument(s): "
+         "question (column 'bod')"),
+        ("question,extra", ["--strict"], "header: unknown column(s) 'extra'"),
+    ],
+)  # fmt: skip
+def test_csv_header_mistakes_fail_before_the_backend_starts(isolated, header, flags, expected):
+    """No model file here: the header's error wins because it is checked first."""
+    program = write_program(isolated)
+    (isolated / "rows.csv").write_text(header + "\na,1\n")
+    missing_model = str(isolated / "no-such-model.gguf")
+    result = invoke("batch", str(program), "rows.csv", *flags, "--model", missing_model)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert f"rows.csv: {expected}" in line
+    assert not (isolated / "rows.out.jsonl").exists()
+
+
+def test_the_readme_inspect_example_runs_to_its_end():
+    """Typed gens (dtype int) take a dry run's placeholder as it is, not as a bad int."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^sglrun inspect .*$", readme, re.M)
+    assert command is not None
+    args = shlex.split(command.group(0))[1:]
+    args[1] = str(ROOT / args[1])
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "dry run stopped" not in result.stdout
+    assert "variables: year, age, person" in result.stdout
+    assert "{age}" in result.stdout  # the typed gen's placeholder in the prompt
+
+
+def test_dry_run_prints_each_rows_first_prompt_and_writes_nothing(isolated):
+    program = write_program(isolated)
+    rows = [{"question": "why", "times": 2}, {"question": "how", "times": "x"}, {"question": "a"}]
+    write_jsonl(isolated / "rows.jsonl", rows)
+    result = invoke("batch", str(program), "rows.jsonl", "--dry-run", *FAKE)
+    assert result.exit_code == 1  # the second row cannot run
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["id"] for line in lines] == ["0", "1", "2"]  # row numbers, as records have
+    assert lines[0]["prompt"] == "Q: whywhy\nA:" and lines[0]["error"] is None
+    assert lines[1]["prompt"] is None and "--times" not in lines[1]["error"]["message"]
+    assert "expected int" in lines[1]["error"]["message"]
+    assert lines[2]["prompt"] == "Q: a\nA:"
+    assert not (isolated / "rows.out.jsonl").exists()

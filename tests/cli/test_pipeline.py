@@ -97,10 +97,28 @@ def test_exit_0_and_plain_stderr_when_not_a_terminal(tmp_path):
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1
     assert re.fullmatch(
-        r"sglrun: 10 rows, 10 ok, 0 failed, [\d.]+ rows/s, [\d.]+ tok/s, [\d.]+ s "
-        r"-> rows\.out\.jsonl",
+        r"sglrun: 10 rows, 10 ok, 0 failed, [\d.]+ rows/s, [\d.]+ tok/s, "
+        r"tokens 30 in / 20 out, \d+ ms/row, [\d.]+ s -> rows\.out\.jsonl",
         lines[0],
     )
+
+
+def test_max_failures_stops_taking_rows_and_keeps_those_done(tmp_path):
+    program = write_program(tmp_path)
+    rows = [{"question": "boom" if i % 2 else f"q{i}"} for i in range(200)]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    result = sglrun(
+        "batch", str(program), "rows.jsonl", *FAKE, "--max-failures", "3", "--concurrency", "1",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "stopped taking rows at 3 failed rows (--max-failures 3)" in result.stderr.decode()
+    records = read_jsonl(tmp_path / "rows.out.jsonl")
+    assert 6 <= len(records) < 20  # stopped early; every record written is whole
+    assert sum(r["error"] is not None for r in records) >= 3
+    again = sglrun("batch", str(program), "rows.jsonl", *FAKE, "--max-failures", "0",
+                   tmp_path=tmp_path)  # fmt: skip
+    assert again.returncode == 2 and b"--max-failures must be >= 1" in again.stderr
 
 
 def test_exit_1_when_rows_fail(tmp_path):
@@ -291,14 +309,16 @@ SUMMARIZE = str(ROOT / "programs" / "summarize.py")
 def test_run_on_the_embedded_model(tmp_path):
     text = "The bakery opens at six. Early commuters wanted fresh bread before work."
     result = sglrun(
-        "run", SUMMARIZE, "--max-new-tokens", "8", "--temperature", "0", "--",
+        "run", SUMMARIZE, "--max-new-tokens", "8", "--temperature", "0", "-v",
+        "--engine-threads", "1", "--slots", "2", "--ctx-size", "1024", "--",
         "--text", text, tmp_path=tmp_path, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    out = result.stdout.decode()
-    assert text in out  # the prompt streamed first
-    variables = json.loads(out[out.index("\n{") + 1 :])
+    variables = json.loads(result.stdout)  # not a terminal: the JSON alone (`| jq`)
     assert isinstance(variables["summary"], str) and variables["summary"].strip()
+    log = result.stderr.decode()
+    assert "SmolLM2-135M-Instruct" in log and ".gguf" in log
+    assert "1 threads, 2 slots, context 1024 tokens (512 per slot)" in log
 
 
 @pytest.mark.model
@@ -318,3 +338,141 @@ def test_batch_on_the_embedded_model(tmp_path):
         assert record["vars"]["summary"].strip()
         assert record["meta"]["summary"]["completion_tokens"] > 0
     assert b"2 rows, 2 ok, 0 failed" in result.stderr
+
+
+def test_joblog_has_a_line_per_row_and_counts_attempts(tmp_path):
+    program = write_program(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", [{"question": "ok"}, {"question": "boom"}])
+    first = sglrun("batch", str(program), "rows.jsonl", *FAKE, "--joblog", "jobs.tsv",
+                   tmp_path=tmp_path)  # fmt: skip
+    assert first.returncode == 1
+    again = sglrun("batch", str(program), "rows.jsonl", *FAKE, "--joblog", "jobs.tsv",
+                   "--retry-errors", tmp_path=tmp_path)  # fmt: skip
+    assert again.returncode == 1  # "boom" fails again
+    lines = [line.split("\t") for line in (tmp_path / "jobs.tsv").read_text().splitlines()]
+    assert lines[0] == ["id", "start", "runtime", "status", "attempts"]
+    rows = lines[1:]
+    assert sorted((r[0], r[3], r[4]) for r in rows) == [
+        ("0", "ok", "1"), ("1", "failed", "1"), ("1", "failed", "2"),
+    ]  # fmt: skip
+    for row in rows:
+        assert abs(float(row[1]) - time.time()) < 600 and float(row[2]) >= 0
+    (tmp_path / "other.tsv").write_text("not a log\n")
+    bad = sglrun("batch", str(program), "rows.jsonl", *FAKE, "--joblog", "other.tsv",
+                 "--overwrite", tmp_path=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and b"other.tsv: not an sglrun job log" in bad.stderr
+
+
+def test_gzip_tsv_and_delimiter_inputs(tmp_path):
+    import gzip
+
+    program = write_program(tmp_path)
+    rows = [{"question": f"q{i}", "times": i + 1} for i in range(3)]
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "rows.tsv").write_text("question\ttimes\nq0\t1\nq,1\t2\n")
+    (tmp_path / "rows.txt").write_text("question;times\nq0;1\nq1;2\n")
+    with gzip.open(tmp_path / "rows.csv.gz", "wt") as handle:
+        handle.write("question,times\nq0,1\nq1,2\n")
+    for name, extra in [("rows.jsonl.gz", []), ("rows.tsv", []), ("rows.csv.gz", []),
+                        ("rows.txt", ["--format", "csv", "--delimiter", ";"])]:  # fmt: skip
+        out = f"{name}.out.jsonl"
+        result = sglrun("batch", str(program), name, *FAKE, "-o", out, *extra, tmp_path=tmp_path)
+        assert result.returncode == 0, (name, result.stderr)
+        records = read_jsonl(tmp_path / out)
+        assert [r["error"] for r in records] == [None] * len(records), name
+        assert len(records) == (3 if name.startswith("rows.jsonl") else 2), name
+    dry = sglrun("batch", str(program), "rows.tsv", *FAKE, "--dry-run", tmp_path=tmp_path)
+    prompts = [json.loads(line)["prompt"] for line in dry.stdout.decode().splitlines()]
+    assert prompts == ["Q: q0\nA:", "Q: q,1q,1\nA:"]  # a comma is data in TSV
+
+
+def test_csv_tsv_parquet_and_gzip_outputs_hold_every_row(tmp_path):
+    import csv
+    import gzip
+
+    program = write_program(tmp_path)
+    rows = [{"question": "ok", "times": 1, "note": "a,b"}, {"question": "boom", "note": "x"}]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    include = ["--include", "input:note,question"]
+    for name in ("out.csv", "out.tsv", "out.parquet", "out.jsonl.gz"):
+        result = sglrun("batch", str(program), "rows.jsonl", *FAKE, "-o", name, *include,
+                        tmp_path=tmp_path)  # fmt: skip
+        assert result.returncode == 1, (name, result.stderr)  # the "boom" row fails
+        assert f"-> {name}".encode() in result.stderr
+    with open(tmp_path / "out.csv", newline="") as handle:
+        table = list(csv.reader(handle))
+    assert table[0] == ["id", "answer", "error", "input.note", "input.question"]
+    assert table[1] == ["0", "hello world", "", "a,b", "ok"]
+    assert table[2][0] == "1" and table[2][2].startswith("ValueError: the program refused")
+    tsv = (tmp_path / "out.tsv").read_text().splitlines()
+    assert tsv[1].split("\t") == ["0", "hello world", "", "a,b", "ok"]
+    import pyarrow.parquet as pq
+
+    parquet = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["id"] for r in parquet] == ["0", "1"] and parquet[0]["answer"] == "hello world"
+    assert parquet[1]["error"].startswith("ValueError") and parquet[1]["input.note"] == "x"
+    with gzip.open(tmp_path / "out.jsonl.gz", "rt") as handle:
+        records = [json.loads(line) for line in handle]
+    assert records[0]["input"] == {"note": "a,b", "question": "ok"}
+    # A resume renders old and new rows; an existing output is never replaced unasked.
+    again = sglrun("batch", str(program), "rows.jsonl", *FAKE, "-o", "out.csv", *include,
+                   tmp_path=tmp_path)  # fmt: skip
+    assert again.returncode == 2 and b"--overwrite" in again.stderr
+    write_jsonl(tmp_path / "rows.jsonl", [*rows, {"question": "new"}])
+    resumed = sglrun("batch", str(program), "rows.jsonl", *FAKE, "-o", "out.csv", *include,
+                     "--resume", tmp_path=tmp_path)  # fmt: skip
+    assert resumed.returncode == 1, resumed.stderr  # the old failure is kept
+    with open(tmp_path / "out.csv", newline="") as handle:
+        assert [row[0] for row in csv.reader(handle)] == ["id", "0", "1", "2"]
+    (tmp_path / "copy.csv").write_text("x\n")
+    os.symlink(tmp_path / "rows.jsonl", tmp_path / "link.csv")
+    bad = sglrun("batch", str(program), "rows.jsonl", *FAKE, "-o", "link.csv", "--overwrite",
+                 tmp_path=tmp_path)  # fmt: skip
+    assert bad.returncode == 2  # the rendered output may not be the input either
+    assert (tmp_path / "rows.jsonl").read_text().count("\n") == 3
+
+
+JSON_PROGRAM = """
+import sglrun as sgl
+
+
+@sgl.function
+def person(s, text: str):
+    s += text + sgl.gen("person", json_schema={"type": "object"}, max_tokens=40)
+    s += sgl.gen("plain", max_tokens=40)
+"""
+
+
+def test_json_values_writes_json_schema_variables_as_objects(tmp_path):
+    program = write_program(tmp_path, JSON_PROGRAM)
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": "Ann"}])
+    replies = json.dumps(['{"name": "Ann", "age": 3}', '{"not": "schema"}'])
+    for flag, expected in (([], str), (["--json-values"], dict)):
+        result = sglrun(
+            "batch", str(program), "rows.jsonl", *FAKE, "-o", "out.jsonl", "--overwrite", *flag,
+            tmp_path=tmp_path, SGLRUN_FAKE_REPLIES=replies,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        variables = read_jsonl(tmp_path / "out.jsonl")[0]["vars"]
+        assert isinstance(variables["person"], expected)
+        assert variables["plain"] == '{"not": "schema"}'  # not a json_schema gen: text
+    assert variables["person"] == {"name": "Ann", "age": 3}
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_reproducible_gives_the_same_greedy_text_in_any_order(tmp_path):
+    sample = (ROOT / "sample_data" / "summarize.jsonl").read_text().splitlines()[:5]
+    (tmp_path / "rows.jsonl").write_text("\n".join(sample) + "\n")
+    (tmp_path / "reversed.jsonl").write_text("\n".join(reversed(sample)) + "\n")
+    summaries = []
+    for name in ("rows.jsonl", "reversed.jsonl"):
+        result = sglrun(
+            "batch", SUMMARIZE, name, "-o", f"{name}.out", "--id-field", "id",
+            "--reproducible", "--max-new-tokens", "24", tmp_path=tmp_path, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        records = read_jsonl(tmp_path / f"{name}.out")
+        summaries.append({r["id"]: r["vars"]["summary"] for r in records})
+    assert summaries[0] == summaries[1] and len(summaries[0]) == 5

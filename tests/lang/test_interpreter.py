@@ -11,7 +11,12 @@ import pytest
 
 import sglrun as sgl
 from sglrun.backends.fake import FakeBackend
-from sglrun.errors import InvalidArgumentError, ProgramError, VariableNotProducedError
+from sglrun.errors import (
+    InvalidArgumentError,
+    ProgramError,
+    UnsupportedCapabilityError,
+    VariableNotProducedError,
+)
 
 
 @sgl.function
@@ -418,3 +423,37 @@ def test_speculative_state_is_per_program_under_threads():
     )
     states = card.run_batch([{"i": i} for i in range(24)], backend=backend, num_threads=8)
     assert [s["id"] for s in states] == [str(i) for i in range(24)]
+
+
+# ----------------------------------------------------------------------------- capabilities
+
+
+class _NoRegex(FakeBackend):
+    """A backend that declares it cannot constrain by regex (as Anthropic's API cannot)."""
+
+    capabilities = frozenset({"select"})
+
+    def capability_hint(self, capability):
+        return "no grammar here"
+
+
+@sgl.function
+def _typed(s, question: str):
+    s += question + sgl.gen("plain", max_tokens=2) + sgl.gen("age", regex=r"[0-9]+")
+
+
+def test_a_missing_capability_fails_before_its_request_with_the_backends_hint():
+    backend = _NoRegex(["x"], cycle=True)
+    state = _typed.run(question="q", backend=backend)
+    error = state.error()
+    assert isinstance(error, UnsupportedCapabilityError)
+    assert "regex" in str(error) and "no grammar here" in str(error) and "'age'" in str(error)
+    assert [call.name for call in backend.calls] == ["plain"]  # the regex gen never went out
+
+
+def test_a_dry_run_lists_what_a_program_needs_and_what_a_backend_lacks():
+    from sglrun.lang.tracing import missing_capabilities, needs_of
+
+    assert needs_of(_typed, {"question": "q"}) == {"regex": "age"}
+    assert missing_capabilities(_typed, {"question": "q"}, _NoRegex()) == [("regex", "age")]
+    assert missing_capabilities(_typed, {"question": "q"}, FakeBackend()) == []

@@ -53,7 +53,7 @@ def sglrun_command() -> list[str]:
     """The installed console script of the venv running the tests (else the module)."""
     if _SCRIPT.exists():
         return [str(_SCRIPT)]
-    return [sys.executable, "-c", "from sglrun.cli.app import main; main()"]
+    return [sys.executable, "-c", "from sglrun.cli.entry import main; main()"]
 
 
 def write_program(directory: Path, source: str = TWO_GENS, name: str = "prog.py") -> Path:
