@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Anthropic"]
 
-logger = logging.getLogger("sglrun.backends")
+logger = logging.getLogger(__name__)
 
 API_VERSION = "2023-06-01"
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+);base64,(?P<data>.*)$", re.DOTALL)

@@ -57,7 +57,7 @@ __all__ = [
     "error_message",
 ]
 
-logger = logging.getLogger("sglrun.http")
+logger = logging.getLogger(__name__)
 
 DEFAULT_RETRIES = 4
 DEFAULT_RETRY_TIME = 120.0

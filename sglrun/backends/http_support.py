@@ -36,7 +36,7 @@ __all__ = [
     "split_credentials",
 ]
 
-logger = logging.getLogger("sglrun.http")
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 600.0)  # (connect, read) seconds
 MASK = "***"

@@ -91,7 +91,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CTX_PER_SLOT", "DEFAULT_SLOTS", "LlamaCpp", "close_live_engines", "default_threads"]
 
-logger = logging.getLogger("sglrun.backends")
+logger = logging.getLogger(__name__)
 
 _DTYPE_REGEX = {"int": REGEX_INT, "float": REGEX_FLOAT, "bool": REGEX_BOOL, "str": REGEX_STR}
 

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAI", "TokenUsage", "guess_is_chat_model"]  # TokenUsage: from common
 
-logger = logging.getLogger("sglrun.backends")
+logger = logging.getLogger(__name__)
 
 SELECT_STRATEGIES = ("auto", "constrained", "logprobs", "generate")
 OPENAI_URL = "https://api.openai.com/v1"

@@ -48,7 +48,7 @@ __all__ = [
     "run_batch_file",
 ]
 
-logger = logging.getLogger("sglrun.batch")
+logger = logging.getLogger(__name__)
 
 INCLUDE_FIELDS = ("input", "text", "messages", "meta", "stdout")
 DEFAULT_WINDOW = 100_000  # rows a slow row may fall behind before it holds up new rows

@@ -84,7 +84,7 @@ class ChatTemplate:
                 return "", suffix
         return prefix, suffix
 
-    def get_prompt(self, messages: list[dict]) -> str:
+    def get_prompt(self, messages: list[dict[str, Any]]) -> str:
         """Render OpenAI-format ``messages`` as prompt text ready for the model to answer.
 
         Like the models' own tokenizer templates: a template's default system prompt is
@@ -112,7 +112,7 @@ class ChatTemplate:
                 prompt.append(self.get_prefix_and_suffix("assistant", turns)[0])
         return "".join(prompt)
 
-    def _effective_turns(self, messages: list[dict]) -> list[tuple[str, str | None]]:
+    def _effective_turns(self, messages: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
         """(role, text) pairs after applying the default system prompt and flattening content."""
         if not isinstance(messages, list):
             raise InvalidArgumentError(f"messages must be a list of dicts, got {messages!r}")

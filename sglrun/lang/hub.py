@@ -165,7 +165,7 @@ def run_blocking(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return hub.call_blocking(function, *args, **kwargs)  # type: ignore[no-any-return]
 
 
-class Task(greenlet.greenlet):
+class Task(greenlet.greenlet):  # type: ignore[misc]  # greenlet has no stubs
     """One function run as a greenlet on a hub; ``result`` or ``error`` once ``done``."""
 
     def __init__(self, hub: Hub, function: Callable[..., Any], args: tuple[Any, ...]) -> None:

@@ -468,7 +468,7 @@ def test_verbose_logs_sglrun_loggers_to_stderr(isolated):
     write_jsonl(isolated / "rows.jsonl", [{"question": "boom"}])
     result = invoke("batch", str(program), "rows.jsonl", "-o", "-", "-v", *FAKE)
     assert result.exit_code == 1
-    assert "sglrun: sglrun.batch:" in result.stderr
+    assert "sglrun: sglrun.batch.runner:" in result.stderr
     assert "row 0 failed" in result.stderr
     assert all(line.startswith("{") for line in result.stdout.splitlines())
 
