@@ -51,7 +51,7 @@ METHOD = """\
 - **(3)** `sglrun batch bench/programs.py rows.jsonl -o out.jsonl --backend sglang --url URL -q`
   as a child process; its peak RSS is the `ru_maxrss` that `os.wait4` returns for that one
   child. Growth per row is (peak at the largest size - peak at the smallest) / rows between.
-  The whole run has a time budget (`--budget`, 550 s): the largest size shrinks to the rows the
+  The whole run has a time budget (`--budget`, 900 s): the largest size shrinks to the rows the
   time left allows at the rate of the run before it, and a run still going when the budget ends is
   stopped, its peak RSS and records written so far counted (both say so in the table).
 - **(4)** `bench/fork.py`: `fork(5)`, one gen per fork, join, one more gen; the server holds each
