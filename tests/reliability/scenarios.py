@@ -32,7 +32,9 @@ from .helpers import (
 )
 
 ROWS = 500
-RETRY_LINE = re.compile(r"sglrun\.http: retry (\d+)/(\d+) of POST \S+/generate in ([\d.]+) s")
+RETRY_LINE = re.compile(
+    r"sglrun\.backends\.http: retry (\d+)/(\d+) of POST \S+/generate in ([\d.]+) s"
+)
 SUMMARY_LINE = re.compile(r"^sglrun: (?:interrupted after )?\d+ rows, .*$", re.M)
 PROGRAMS = {"two_gens": TWO_GENS, "one_gen": ONE_GEN, "select": SELECT}
 # /generate requests per row when nothing fails (select = prefix request + scoring request).
