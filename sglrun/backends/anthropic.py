@@ -75,11 +75,7 @@ class Anthropic(Backend):
     @classmethod
     def from_options(cls, options: BackendOptions) -> Anthropic:
         """``--backend anthropic --model NAME``; the key from the configured variable."""
-        extra: dict[str, Any] = {}
-        if options.timeout is not None:
-            extra["timeout"] = options.timeout
-        if options.retries is not None:
-            extra["retries"] = options.retries
+        extra = options.transport_settings()
         urls = list(options.urls)
         if urls:
             extra["base_url"] = urls if len(urls) > 1 else urls[0]

@@ -140,11 +140,7 @@ class OpenAI(Backend):
     @classmethod
     def from_options(cls, options: BackendOptions) -> OpenAI:
         """``--backend openai --model NAME``, at ``--url`` (else $OPENAI_BASE_URL or OpenAI)."""
-        extra: dict[str, Any] = {}
-        if options.timeout is not None:
-            extra["timeout"] = options.timeout
-        if options.retries is not None:
-            extra["retries"] = options.retries
+        extra = options.transport_settings()
         urls = list(options.urls)
         base_url = (urls if len(urls) > 1 else urls[0]) if urls else None
         assert options.model is not None  # the registry entry says needs_model

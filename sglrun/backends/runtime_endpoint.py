@@ -115,11 +115,7 @@ class RuntimeEndpoint(Backend):
     @classmethod
     def from_options(cls, options: BackendOptions) -> RuntimeEndpoint:
         """``--backend sglang``: the servers of ``--url`` (else SGLang's default address)."""
-        extra: dict[str, Any] = {}
-        if options.timeout is not None:
-            extra["timeout"] = options.timeout
-        if options.retries is not None:
-            extra["retries"] = options.retries
+        extra = options.transport_settings()
         urls = list(options.urls) or [DEFAULT_URL]
         return cls(
             urls if len(urls) > 1 else urls[0],

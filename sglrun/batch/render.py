@@ -64,13 +64,14 @@ def _cell(value: Any) -> Any:
 
 
 def _table(journal: str, input_columns: list[str]) -> tuple[list[str], list[list[Any]]]:
+    records = list(_records(journal))  # one read: the table is built in memory anyway
     names: dict[str, None] = {}
-    for record in _records(journal):
+    for record in records:
         for name in record.get("vars") or {}:
             names.setdefault(name, None)
     header = ["id", *names, "error", *(f"input.{column}" for column in input_columns)]
     rows = []
-    for record in _records(journal):
+    for record in records:
         variables = record.get("vars") or {}
         error = record.get("error")
         given = record.get("input") or {}

@@ -123,15 +123,7 @@ class BatchJob:
     def _check_header(self) -> None:
         """A CSV header already shows a wrong --map or, with --strict, an extra column:
         fail now (exit 2), before a model loads, not once per row."""
-        from sglrun.batch.convert import check_columns, param_specs
-
-        source, first = self.batch.source, self.batch.first
-        if not source.has_header or first.data is None:
-            return
-        check_columns(
-            first.data, param_specs(self.fn.func), mapping=self.mapping or None,
-            strict=self.strict, id_field=self.id_field, source=f"{source.name}: header",
-        )  # fmt: skip
+        check_header(self, self.batch.source, self.batch.first.data)
 
     def _check_capabilities(self) -> None:
         """A dry run of the first row: what the program needs that the backend cannot do
@@ -317,12 +309,24 @@ def _retries(backend: Any) -> int:
     return retries if isinstance(retries, int) else 0
 
 
+def check_header(job: BatchJob, source: Any, first: dict[str, Any] | None) -> None:
+    """What a CSV/TSV header alone shows wrong (``--map``, ``--strict``): InputError now."""
+    from sglrun.batch.convert import check_columns, param_specs
+
+    if not source.has_header or first is None:
+        return
+    check_columns(
+        first, param_specs(job.fn.func), mapping=job.mapping or None, strict=job.strict,
+        id_field=job.id_field, source=f"{source.name}: header",
+    )  # fmt: skip
+
+
 def dry_run_batch(job: BatchJob) -> NoReturn:
     """``--dry-run``: every row's first prompt as one JSON line on stdout, without a model
     (gens are ``{name}`` placeholders); nothing is written to OUTPUT."""
     import json
 
-    from sglrun.batch.convert import check_columns, convert_row, param_specs
+    from sglrun.batch.convert import convert_row, param_specs
     from sglrun.batch.readers import open_rows
     from sglrun.cli.loader import backend_options
     from sglrun.lang.registry import backend_entry
@@ -344,27 +348,19 @@ def dry_run_batch(job: BatchJob) -> NoReturn:
         for count, row in enumerate(source):
             if job.limit is not None and count >= job.limit:
                 break
+            if count == 0:  # a header mistake is a usage error (exit 2), as in a real run
+                check_header(job, source, row.data)
             record: dict[str, Any] = {"id": row.id, "prompt": None, "error": None}
             try:
                 if row.error is not None or row.data is None:
                     raise row.error or InputError("unreadable row")
-                if count == 0 and source.has_header:
-                    check_columns(
-                        row.data, specs, mapping=job.mapping or None, strict=job.strict,
-                        id_field=job.id_field, source=f"{source.name}: header",
-                    )  # fmt: skip
                 arguments = job.fn.bind_call((), convert_row(
                     row.data, specs, mapping=job.mapping or None, strict=job.strict,
                     source=f"{source.name}:{row.line}", id_field=job.id_field,
                 ))  # fmt: skip
                 with contextlib.redirect_stdout(io.StringIO()):
                     record["prompt"] = first_prompt(job.fn, arguments, template)
-            except InputError as exc:
-                if count == 0 and "header" in str(exc):
-                    raise
-                failed += 1
-                record["error"] = {"type": type(exc).__name__, "message": one_line(exc)}
-            except Exception as exc:  # the program's own failure on this row
+            except Exception as exc:  # the row's own failure (bad value, program error)
                 failed += 1
                 record["error"] = {"type": type(exc).__name__, "message": one_line(exc)}
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -48,6 +48,12 @@ class BackendOptions:
     reproducible: bool = False  # the embedded engine: same greedy output run after run
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def transport_settings(self) -> dict[str, Any]:
+        """``timeout`` and ``retries`` as keyword arguments, only those the user gave (a
+        server backend keeps its own defaults for the rest)."""
+        given = {"timeout": self.timeout, "retries": self.retries}
+        return {key: value for key, value in given.items() if value is not None}
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendEntry:
