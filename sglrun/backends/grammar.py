@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from sglrun.errors import InvalidArgumentError, UnsupportedCapabilityError
 
@@ -42,6 +42,7 @@ __all__ = [
     "regex_grammar",
     "regex_to_gbnf",
     "regex_to_llguidance",
+    "strict_json_schema",
     "token_grammar",
 ]
 
@@ -328,8 +329,48 @@ def llguidance_probe(grammar: str) -> str:
     return f'{head}"{PROBE_MARK}" checked\nchecked: {grammar[len(head) :]}'
 
 
-def json_schema_grammar(schema: object) -> str:
-    """An LLGuidance grammar for JSON values valid under ``schema``."""
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_ONES = ("items", "additionalItems", "not", "if", "then", "else", "contains")
+
+
+def strict_json_schema(schema: Any) -> Any:
+    """``schema`` with SGLang's default (xgrammar's strict mode): an object schema listing
+    ``properties`` admits no others unless it says so, so a small model cannot ramble into
+    keys nobody asked for. A schema that sets ``additionalProperties`` (or
+    ``patternProperties``/``unevaluatedProperties``) keeps its own rule, and a bare
+    ``{"type": "object"}`` still means any object. Never mutates ``schema``."""
+    if isinstance(schema, list):
+        return [strict_json_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_json_schema(item) for item in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_json_schema(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_ONES:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = strict_json_schema(out[key])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = strict_json_schema(out["additionalProperties"])
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if "properties" in out and not any(key in out for key in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema_grammar(schema: object, *, compact: bool = True) -> str:
+    """An LLGuidance grammar for JSON values valid under ``schema``. ``compact``: the
+    separators are exactly ``", "`` and ``": "`` and no other whitespace is allowed
+    (LLGuidance's ``whitespace_flexible: false``), so a model cannot pad its JSON with
+    blank lines until ``max_tokens`` cuts it."""
+    if compact and isinstance(schema, dict):
+        options = dict(schema.get("x-guidance") or {})
+        options.setdefault("whitespace_flexible", False)
+        schema = {**schema, "x-guidance": options}
     return llguidance_grammar("%json " + json.dumps(schema))
 
 

@@ -52,6 +52,7 @@ from sglrun.backends.grammar import (
     json_schema_grammar,
     llguidance_probe,
     regex_grammar,
+    strict_json_schema,
 )
 from sglrun.backends.llamacpp_support import (
     CTX_PER_SLOT,
@@ -83,6 +84,7 @@ from sglrun.lang.backend import (
     SelectRequest,
 )
 from sglrun.lang.choices import ChoicesDecision, decide
+from sglrun.lang.global_config import global_config
 from sglrun.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SamplingParams
 
 if TYPE_CHECKING:
@@ -337,12 +339,19 @@ class LlamaCpp(Backend):
         return answer
 
     def _run(
-        self, body: dict[str, Any], watcher: StopWatcher, on_chunk: ChunkCallback | None
+        self,
+        body: dict[str, Any],
+        watcher: StopWatcher,
+        on_chunk: ChunkCallback | None,
+        chunk_meta: Callable[[list[dict[str, Any]], int], dict[str, Any]] | None = None,
     ) -> _Segment:
         """Run one completion, feeding ``watcher``. It streams when a caller or a stop condition
-        needs to see the text as it grows, and is cancelled as soon as a stop is found."""
+        needs to see the text as it grows, and is cancelled as soon as a stop is found. Each
+        streamed piece carries ``chunk_meta`` of the token records new since the last one."""
         segment = _Segment()
         failures: list[Any] = []
+        unsent: list[dict[str, Any]] = []
+        unsent_tokens = [0]
 
         def on_event(event: dict[str, Any]) -> bool:
             try:
@@ -370,10 +379,16 @@ class LlamaCpp(Backend):
                     segment.finish = choice["finish_reason"]
                 tokens = [(int(r.get("id", -1)), bytes(r.get("bytes") or [])) for r in records]
                 stopped = watcher.feed(choice.get("text") or "", tokens)
+                unsent.extend(records)
+                unsent_tokens[0] += len(records) or 1  # one token per event without records
                 if on_chunk is not None:
                     piece = watcher.take_safe()
                     if piece:
-                        on_chunk(piece)
+                        on_chunk(
+                            piece, chunk_meta(unsent, unsent_tokens[0]) if chunk_meta else None
+                        )
+                        unsent.clear()
+                        unsent_tokens[0] = 0
                 return stopped
             except BaseException as exc:  # the engine swallows callback errors: keep them
                 failures.append(exc)
@@ -473,8 +488,11 @@ class LlamaCpp(Backend):
                     raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(schema, (dict, bool)):
                 raise InvalidArgumentError("json_schema must be a JSON object")
+            if global_config.strict_json_schema:
+                schema = strict_json_schema(schema)
             if self._llguidance:
-                body["grammar"] = self._checked(json_schema_grammar(schema), "this json_schema")
+                grammar = json_schema_grammar(schema, compact=global_config.compact_json)
+                body["grammar"] = self._checked(grammar, "this json_schema")
             else:
                 body["json_schema"] = schema  # converted to GBNF by llama.cpp
         start = -1 if p.logprob_start_len is None else int(p.logprob_start_len)
@@ -564,6 +582,21 @@ class LlamaCpp(Backend):
             base["stop"] = list(plan.stop)
         if want_ids:
             base["logprobs"] = max(1, plan.top_n)
+        made = [0]
+
+        def chunk_meta(records: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+            """A streamed piece's meta: tokens so far, and its own tokens' logprobs."""
+            made[0] += tokens
+            meta: dict[str, Any] = {"completion_tokens": made[0]}
+            if plan.return_logprob:
+                meta["output_token_logprobs"] = [
+                    logprob_entry(r, plan.with_text, self._piece) for r in records
+                ]
+                meta["output_top_logprobs"] = [
+                    top_entries(r, plan.top_n, plan.with_text, self._piece) for r in records
+                ]
+            return meta
+
         segments: list[_Segment] = []
         if plan.max_new == 0:
             segments.append(_Segment(prompt_tokens=len(self.tokenize(prompt)), finish="length"))
@@ -573,14 +606,15 @@ class LlamaCpp(Backend):
             banned = dict(base, max_tokens=first, ignore_eos=True, logprobs=base.get("logprobs", 1))
             if plan.stop_token_ids:
                 banned["logit_bias"] = [[token, False] for token in plan.stop_token_ids]
-            segments.append(self._run(banned, watcher, on_chunk))
-            made = [int(r["id"]) for r in segments[0].records]
-            if not watcher.stopped and len(made) == first < plan.max_new:
+            segments.append(self._run(banned, watcher, on_chunk, chunk_meta))
+            first_ids = [int(r["id"]) for r in segments[0].records]
+            if not watcher.stopped and len(first_ids) == first < plan.max_new:
                 # ... phase 2 continues from exactly those tokens (their KV cache is reused).
-                rest = dict(base, prompt=[prompt, *made], max_tokens=plan.max_new - first)
-                segments.append(self._run(rest, watcher, on_chunk))
+                rest = dict(base, prompt=[prompt, *first_ids], max_tokens=plan.max_new - first)
+                segments.append(self._run(rest, watcher, on_chunk, chunk_meta))
         else:
-            segments.append(self._run(dict(base, max_tokens=plan.max_new), watcher, on_chunk))
+            body = dict(base, max_tokens=plan.max_new)
+            segments.append(self._run(body, watcher, on_chunk, chunk_meta))
         if on_chunk is not None:
             tail = watcher.take_safe(final=True)
             if tail:
@@ -610,6 +644,12 @@ class LlamaCpp(Backend):
             meta["output_top_logprobs"] = [
                 top_entries(r, plan.top_n, plan.with_text, self._piece) for r in records
             ]
+            if plan.max_new == 0 and plan.top_n > 0:  # as SGLang: the next token's top-k
+                probe = dict(GREEDY, prompt=prompt, max_tokens=1, logprobs=plan.top_n)
+                following = self._run(probe, StopWatcher((), (), ()), None).records
+                meta["output_top_logprobs"] = [
+                    top_entries(r, plan.top_n, plan.with_text, self._piece) for r in following[:1]
+                ]
         return watcher.final_text(), meta
 
     def _native_match(self, stops: tuple[str, ...]) -> str | int | None:
@@ -667,11 +707,18 @@ class LlamaCpp(Backend):
                 erased = False
         return erased
 
+    @property
+    def model_info(self) -> dict[str, Any]:
+        path = str(self.model_path)
+        return {"model_path": path, "tokenizer_path": path, "is_generation": True}
+
     def get_server_info(self) -> dict[str, Any]:
         return {
             "backend": self.name,
             "model": self.get_model_name(),
             "model_path": str(self.model_path),
+            "tokenizer_path": str(self.model_path),  # the GGUF file carries it
+            "is_generation": True,
             "n_parallel": self.n_parallel,
             "n_ctx": self.n_ctx,
             "n_ctx_per_slot": self._n_ctx_slot,

@@ -170,6 +170,7 @@ class OpenAI(Backend):
         return {
             "backend": self.name,
             "model": self.model_name,
+            **self.model_info,
             "dialect": self.dialect,
             "chat": self.is_chat_model,
             "endpoints": self.transport.pool.urls,

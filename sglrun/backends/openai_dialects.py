@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sglrun.errors import UnsupportedCapabilityError
+from sglrun.lang.global_config import global_config
 from sglrun.lang.ir import SamplingParams
 
 __all__ = [
@@ -126,7 +127,10 @@ class LlamaCppDialect(Dialect):
         return {"grammar": regex_to_gbnf(pattern)}
 
     def completion_schema(self, schema: Any) -> dict[str, Any]:
-        return {"json_schema": schema}
+        from sglrun.backends.grammar import strict_json_schema
+
+        strict = global_config.strict_json_schema
+        return {"json_schema": strict_json_schema(schema) if strict else schema}
 
     def prefill(self, body: dict[str, Any]) -> None:
         """llama.cpp continues a final assistant message by itself."""

@@ -20,6 +20,7 @@ from sglrun.backends.common import apply_dtype
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.errors import InvalidArgumentError, ServerError, TransportError
 from sglrun.lang.backend import (
+    INCREMENTAL_META_KEYS,
     Backend,
     ChunkCallback,
     GenerateRequest,
@@ -67,6 +68,7 @@ class RuntimeEndpoint(Backend):
     name = "SGLang runtime"
     support_concate_and_append = False
     cooperative = True  # its HTTP waits park on the hub
+    model_info: dict[str, Any] = {}  # type: ignore[assignment]  # the server's, read at start
 
     def __init__(
         self,
@@ -98,7 +100,7 @@ class RuntimeEndpoint(Backend):
         )
         if not isinstance(info, dict):
             raise TransportError(f"{self.base_url}/get_model_info did not answer a JSON object")
-        self.model_info: dict[str, Any] = info
+        self.model_info = info
         # Requests that arrive while ``max_in_flight`` others are out go together as one list
         # request: SGLang batches them anyway, and one round trip then serves many programs.
         self.coalescer = (
@@ -235,17 +237,33 @@ class RuntimeEndpoint(Backend):
         body = {**body, "stream": True}
         text = ""
         meta: dict[str, Any] = {}
+        so_far: dict[str, list[Any]] = {key: [] for key in INCREMENTAL_META_KEYS}
+        unsent: dict[str, list[Any]] = {key: [] for key in INCREMENTAL_META_KEYS}
         for event in self.transport.stream("POST", "/generate", body):
             data = event.data
             if not isinstance(data, dict):
                 continue
             current = str(data.get("text", ""))
-            # SGLang streams the cumulative text; tolerate servers that send increments.
+            # SGLang streams the cumulative text; tolerate servers that send increments
+            # (--incremental-streaming-output), for the logprob lists too.
             delta = current[len(text) :] if current.startswith(text) else current
             text = current if current.startswith(text) else text + current
             meta = dict(data.get("meta_info") or meta)
+            piece_meta = dict(meta)
+            for key in INCREMENTAL_META_KEYS:
+                entries = meta.get(key)
+                if not isinstance(entries, list):
+                    continue
+                seen = so_far[key]
+                cumulative = len(entries) >= len(seen) and entries[: len(seen)] == seen
+                new = entries[len(seen) :] if cumulative else entries
+                unsent[key].extend(new)  # an event without text passes its entries on
+                piece_meta[key] = unsent[key]
+                seen.extend(new)
+                meta[key] = list(seen)
             if delta:
-                on_chunk(delta)
+                on_chunk(delta, piece_meta)
+                unsent = {key: [] for key in INCREMENTAL_META_KEYS}
         return GenerateResult(text, meta)
 
     # ---------------------------------------------------------------- batching

@@ -14,7 +14,7 @@ from typing import Any
 from sglrun.errors import InvalidArgumentError
 from sglrun.lang.choices import ChoicesSamplingMethod, token_length_normalized
 from sglrun.lang.function import SglFunction, check_sampling
-from sglrun.lang.global_config import global_config
+from sglrun.lang.global_config import adapt_backend, global_config
 from sglrun.lang.ir import (
     SamplingParams,
     SglConstantText,
@@ -68,7 +68,10 @@ def function(func: Callable[..., Any] | None = None, num_api_spec_tokens: int | 
 def set_default_backend(backend: Any) -> None:
     from sglrun.lang.backend import Backend
 
-    backend = getattr(backend, "endpoint", backend)
+    if backend is None:  # as SGLang: no default; the next run starts the registered one
+        global_config.default_backend = None
+        return
+    backend = adapt_backend(getattr(backend, "endpoint", backend))
     if not isinstance(backend, Backend):
         raise InvalidArgumentError(f"set_default_backend needs a backend, not {backend!r}")
     global_config.default_backend = backend

@@ -9,8 +9,7 @@ thread-safe: many program states call them at once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sglrun.errors import UnsupportedCapabilityError
 from sglrun.lang.ir import SamplingParams
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CAPABILITIES",
+    "INCREMENTAL_META_KEYS",
     "Backend",
     "ChunkCallback",
     "GenerateRequest",
@@ -29,8 +29,17 @@ __all__ = [
     "SelectRequest",
 ]
 
-ChunkCallback = Callable[[str], None]
-"""Receives each new piece of generated text while a request streams."""
+
+class ChunkCallback(Protocol):
+    """Receives each new piece of generated text while a request streams, with the meta info
+    known so far when the backend has it: ``completion_tokens`` so far and, for
+    ``INCREMENTAL_META_KEYS``, only the entries of the tokens new since the last piece."""
+
+    def __call__(self, piece: str, meta: dict[str, Any] | None = None) -> None: ...
+
+
+INCREMENTAL_META_KEYS = ("output_token_logprobs", "output_top_logprobs")
+"""Meta keys a streamed piece carries for its own tokens only (as SGLang's streams do)."""
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -176,8 +185,17 @@ class Backend:
     def flush_cache(self, empty_cache: bool = True) -> bool:
         return False
 
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """SGLang's ``model_info`` (``/get_model_info``): the model and where its tokenizer is
+        (for a GGUF file, the file itself)."""
+        model = self.get_model_name()
+        return {"model_path": model, "tokenizer_path": model, "is_generation": True}
+
     def get_server_info(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.get_model_name()}
+        """What SGLang's server info holds that programs read (``model_path``,
+        ``tokenizer_path``), and which backend this is."""
+        return {"backend": self.name, "model": self.get_model_name(), **self.model_info}
 
     def concurrency_hint(self) -> int | None:
         """How many programs in flight keep this backend busy, when it can say (an engine's

@@ -13,6 +13,7 @@ from sglrun.lang.sampling import check_sampling
 if TYPE_CHECKING:
     from sglrun.lang.backend import Backend
     from sglrun.lang.state import ProgramState
+    from sglrun.lang.tracing import TracerProgramState
 
 __all__ = ["SglFunction", "check_sampling"]
 
@@ -124,7 +125,11 @@ class SglFunction:
         check_sampling(f"{self.__name__}.run", sampling)
         arguments = self.bind_call(args, kwargs)
         defaults = SamplingParams.defaults(**sampling)
-        return run_program(self, backend, arguments, defaults, stream=stream)
+        state = run_program(self, backend, arguments, defaults, stream=stream)
+        error = state.executor.body_error
+        if error is not None:  # as SGLang: the program's own exception leaves run()
+            raise error
+        return state
 
     def __call__(self, *args: Any, **kwargs: Any) -> ProgramState:
         return self.run(*args, **kwargs)
@@ -199,12 +204,14 @@ class SglFunction:
         )
 
     # ------------------------------------------------------------ tracing
-    def trace(self, *, backend: Backend | None = None, **kwargs: Any) -> ProgramState:
-        """Run the program without a model: every gen yields a placeholder and every select
-        its first choice. Shows the prompt a row produces (``sglrun inspect``)."""
-        from sglrun.lang.tracing import dry_run
+    def trace(self, *, backend: Backend | None = None, **kwargs: Any) -> TracerProgramState:
+        """Run the program without a model: every gen yields a placeholder, every select its
+        first choice, and a missing argument its ``{name}`` (an f-string of one raises
+        ``TypeError``, as in SGLang). The state lists the nodes appended (``last_node``)."""
+        from sglrun.lang.tracing import trace
 
-        return dry_run(self, kwargs)
+        self._check_names(kwargs)
+        return trace(self, {**self.bind_arguments, **kwargs})
 
     def cache(self, backend: Backend | None = None) -> str:
         """Send the prompt prefix every run shares to the backend's cache; returns it."""

@@ -30,6 +30,7 @@ from sglrun.lang.frame import Frame
 from sglrun.lang.hub import run_blocking
 from sglrun.lang.ir import (
     SamplingParams,
+    SglArgument,
     SglCommitLazy,
     SglConcateAndAppend,
     SglConstantText,
@@ -47,7 +48,7 @@ from sglrun.lang.ir import (
     SglVideo,
 )
 from sglrun.lang.sync import StateSync
-from sglrun.lang.values import load_image, parse_dtype, split_reasoning
+from sglrun.lang.values import check_json, cut_note, load_image, parse_dtype, split_reasoning
 
 __all__ = ["RULES", "Executor"]
 
@@ -88,6 +89,8 @@ class Executor:
         waits = stream if readers_wait is None else readers_wait
         self.sync = StateSync(self.frame, readers_wait=waits)
         self.forks: list[Executor] = []  # children: never outlive this state's program
+        self.body_error: Exception | None = None  # the program's own exception, if it raised
+        self.traced: list[SglExpr] | None = None  # the nodes appended, when tracing
 
     # ----------------------------------------------------------------- submission
     def submit(self, expr: SglExpr | str) -> None:
@@ -98,6 +101,9 @@ class Executor:
                 f"cannot append {type(expr).__name__} to a program state; "
                 "append a str or an sglrun primitive"
             )
+        if self.traced is not None:  # trace(): the nodes, linked as SGLang's tracer links them
+            expr.prev_node = self.traced[-1] if self.traced else None
+            self.traced.append(expr)
         if self.sync.error is not None:
             return
         if self.concurrent:
@@ -245,17 +251,23 @@ class Executor:
             result = self.call_backend(self.backend.generate, self._request(params, name))
         meta = dict(result.meta_info)
         meta.setdefault("e2e_latency", time.perf_counter() - started)
+        produced = result.text
+        dry = bool(meta.get("dry_run"))
         if params.json_schema is not None:
             meta["constraint"] = "json_schema"  # the text is a JSON document (--json-values)
-        produced = result.text
-        dtype = None if meta.get("dry_run") else params.dtype  # a placeholder stays as it is
-        if isinstance(produced, list):
-            self.fill(produced[0] if produced else "")
-            value: Any = [parse_dtype(t, dtype, name) for t in produced]
-        else:
-            if not streamed:
-                self.fill(produced)
-            value = parse_dtype(produced, dtype, name)
+            if not dry:
+                check_json(produced, name, meta)
+        dtype = None if dry else params.dtype  # a placeholder stays as it is
+        try:
+            if isinstance(produced, list):
+                self.fill(produced[0] if produced else "")
+                value: Any = [parse_dtype(t, dtype, name) for t in produced]
+            else:
+                if not streamed:
+                    self.fill(produced)
+                value = parse_dtype(produced, dtype, name)
+        except ProgramError as exc:
+            raise ProgramError(f"{exc}{cut_note(meta)}") from None
         self.sync.produce(name, value, meta)
 
     def _streamed_gen(self, name: str | None, params: SamplingParams) -> GenerateResult:
@@ -263,9 +275,9 @@ class Executor:
         sync.begin_stream(name)
         got = [""]
 
-        def on_chunk(piece: str) -> None:
+        def on_chunk(piece: str, meta: dict[str, Any] | None = None) -> None:
             got[0] += piece
-            sync.stream_piece(name, piece)
+            sync.stream_piece(name, piece, meta)
 
         result: GenerateResult = self.call_backend(
             self.backend.generate, self._request(params, name), on_chunk=on_chunk
@@ -299,6 +311,10 @@ class Executor:
         decision = self.call_backend(self.backend.select, request)
         self.fill(decision.decision)
         self.sync.produce(expr.name, decision.decision, decision.meta_info)
+
+    def argument(self, expr: SglArgument) -> None:
+        """A traced program's missing argument: its placeholder, as a dry run shows it."""
+        self.fill("{" + expr.name + "}" if expr.value is None else str(expr.value))
 
     def variable(self, expr: SglVariable) -> None:
         source = expr.source
@@ -420,6 +436,7 @@ RULES: dict[type, Callable[[Executor, Any], None]] = {
     SglImage: image,
     SglVideo: video,
     SglVariable: Executor.variable,
+    SglArgument: Executor.argument,
     SglVarScopeBegin: Executor.var_scope_begin,
     SglVarScopeEnd: Executor.var_scope_end,
     SglCommitLazy: Executor.commit_lazy,

@@ -20,6 +20,7 @@ __all__ = [
     "REGEX_INT",
     "REGEX_STR",
     "SamplingParams",
+    "SglArgument",
     "SglCommitLazy",
     "SglConcateAndAppend",
     "SglConstantText",
@@ -169,10 +170,21 @@ def dtype_name(dtype: Any) -> str:
 
 
 class SglExpr:
-    """Base of every expression; ``a + b`` builds an ``SglExprList``."""
+    """Base of every expression; ``a + b`` builds an ``SglExprList``. ``prev_node`` links
+    the nodes a trace appended (``trace().last_node.print_graph_dfs()``)."""
 
-    __slots__ = ()
+    __slots__ = ("prev_node",)
     kind: ClassVar[str] = "expr"
+
+    def print_graph_dfs(self) -> str:
+        """The chain of traced nodes ending here, one per line, first first."""
+        chain: list[SglExpr] = []
+        node: SglExpr | None = self
+        while node is not None and len(chain) < 100_000:
+            chain.append(node)
+            node = getattr(node, "prev_node", None)
+        lines = [f"%{i} = {node!r}" for i, node in enumerate(reversed(chain))]
+        return "\n".join(lines)
 
     def __add__(self, other: SglExpr | str) -> SglExprList:
         return SglExprList(_flatten(self) + _flatten(_as_expr(other)))
@@ -348,8 +360,46 @@ class SglSeparateReasoning(SglExpr):
     def __init__(self, model_type: str | None, expr: SglExpr | None) -> None:
         self.model_type = model_type
         self.expr = expr
-        target = getattr(expr, "name", None)
-        self.name = f"{target}_reasoning_content" if target else None
+        self.name: str | None = None
+        self._process_expr(expr)
+
+    def process_name_for_reasoning(self, name: str | None) -> str:
+        """The variable the reasoning of variable ``name`` goes to (SGLang's rule)."""
+        if not name:
+            from sglrun.errors import InvalidArgumentError
+
+            raise InvalidArgumentError("separate_reasoning needs a named gen or select")
+        return f"{name}_reasoning_content"
+
+    def _process_expr(self, expr: SglExpr | None) -> None:
+        if isinstance(expr, (SglGen, SglSelect)):
+            self.name = self.process_name_for_reasoning(expr.name)
+        elif isinstance(expr, SglExprList):  # as SGLang: the last gen or select names it
+            for item in expr.expr_list:
+                self._process_expr(item)
 
     def __repr__(self) -> str:
-        return f"SeparateReasoning({self.model_type!r}, {self.expr!r})"
+        return f"SeparateReasoning(model_type={self.model_type}, name={self.name})"
+
+
+class SglArgument(SglExpr):
+    """A program argument not given to ``trace()``: appended, it shows as ``{name}``; an
+    f-string of it raises, as SGLang's tracer does (its value is not known)."""
+
+    __slots__ = ("name", "value")
+    kind = "argument"
+
+    def __init__(self, name: str, value: Any = None) -> None:
+        self.name = name
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        raise TypeError(
+            f"cannot put argument {self.name!r} inside an f-string while tracing: "
+            "its value is not known; append it with + instead"
+        )
+
+    def __repr__(self) -> str:
+        return f"Argument(name={self.name}, value={self.value!r})"
+
+    __str__ = __repr__

@@ -55,7 +55,8 @@ def new_state(
 
 
 def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any]) -> None:
-    """Call the program; its own exception is kept in ``state.error()``, never raised. Its
+    """Call the program; its own exception is kept in ``state.error()`` (and as the
+    executor's ``body_error``: ``run()`` raises it, as SGLang does), never raised here. Its
     forks end with it: waited for when it returns, cancelled when it fails or is cancelled."""
     executor = state.executor
     executor.sync.owner = greenlet.getcurrent()
@@ -68,6 +69,7 @@ def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any
     except Exception as exc:
         executor.fail(exc)
         executor.cancel(exc)
+        executor.body_error = exc
     except BaseException:  # the task itself is being killed: unwind without waiting
         executor.end(wait=False)
         raise

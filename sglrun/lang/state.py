@@ -153,8 +153,8 @@ class ProgramState:
         """Yield text as it is generated (with ``run(stream=True)``); otherwise the whole
         text (or variable) once."""
         executor = self.executor
-        if not executor.stream:
-            yield self.text() if var_name is None else str(self.get_var(var_name))
+        if not executor.stream:  # as SGLang: the text, or the variable's own value (a list...)
+            yield self.text() if var_name is None else self.get_var(var_name)
             return
         seen = 0
         while True:
@@ -168,34 +168,40 @@ class ProgramState:
     async def text_async_iter(
         self, var_name: str | None = None, return_meta_data: bool = False
     ) -> AsyncIterator[Any]:
-        """``text_iter`` for asyncio code; with ``return_meta_data`` each piece comes with the
-        variable's meta info so far."""
+        """``text_iter`` for asyncio code. Streaming with ``return_meta_data`` and a variable,
+        each piece comes as ``(piece, meta_info)``: the meta info so far, with the logprobs of
+        just this piece (SGLang's incremental keys). Not streaming: the value, once, alone."""
         import asyncio  # imported here: it costs start-up time to every other user
 
         executor = self.executor
-        meta_info = executor.frame.meta_info
         loop = asyncio.get_running_loop()
         if not executor.stream:
-            value = self.text() if var_name is None else str(self.get_var(var_name))
-            meta = meta_info.get(var_name) if var_name is not None else None
-            yield (value, meta) if return_meta_data else value
+            yield self.text() if var_name is None else self.get_var(var_name)
             return
         seen = 0
+        with_meta = return_meta_data and var_name is not None
+        taken: dict[str, int] | None = {} if with_meta else None
         while True:
-            piece, done = await loop.run_in_executor(
-                None, executor.sync.wait_for_change, seen, var_name
+            piece, done, meta = await loop.run_in_executor(
+                None, executor.sync.wait_for_piece, seen, var_name, taken
             )
             seen += len(piece)
             if piece:
-                if return_meta_data:
-                    yield piece, meta_info.get(var_name) if var_name else None
-                else:
-                    yield piece
+                yield (piece, meta) if with_meta else piece
             if done:
                 return
 
+    @property
+    def stream_executor(self) -> Any:
+        """SGLang's name for the machinery under a state; programs read its ``variables``,
+        ``meta_info``, ``variable_event`` (one event per variable, set once it is produced),
+        ``text_``, ``messages_``, ``is_finished`` and ``error_``."""
+        from sglrun.lang.executor_view import StreamExecutorView
+
+        return StreamExecutorView(self)
+
     def __repr__(self) -> str:
-        return f"ProgramState({self.text()!r})"
+        return f"ProgramState({self.text()})"  # as SGLang: the text itself, unquoted
 
 
 class ProgramStateGroup:

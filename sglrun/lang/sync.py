@@ -17,6 +17,7 @@ from typing import Any
 import greenlet
 
 from sglrun.errors import VariableNotProducedError
+from sglrun.lang.backend import INCREMENTAL_META_KEYS
 from sglrun.lang.frame import Frame
 from sglrun.lang.hub import Task, current_hub, current_task
 
@@ -167,12 +168,20 @@ class StateSync:
             self.frame.variables[name] = ""
             self.streaming.add(name)
 
-    def stream_piece(self, name: str | None, piece: str) -> None:
-        """A streamed piece of text (from any thread): into the text and the variable."""
+    def stream_piece(self, name: str | None, piece: str, meta: dict[str, Any] | None) -> None:
+        """A streamed piece of text (from any thread): into the text and the variable; its
+        meta info (``ChunkCallback``) into the variable's meta so far."""
         with self.cond:
             self.frame.text += piece
             if name is not None:
                 self.frame.variables[name] += piece
+                if meta:
+                    so_far = self.frame.meta_info.setdefault(name, {})
+                    for key, value in meta.items():
+                        if key in INCREMENTAL_META_KEYS:
+                            so_far.setdefault(key, []).extend(value)
+                        else:
+                            so_far[key] = value
             self.notify()
 
     def merge(self, values: dict[str, Any], metas: dict[str, Any]) -> None:
@@ -195,6 +204,27 @@ class StateSync:
                 if len(current) > seen or done:
                     return current[seen:], done
                 self.wait()
+
+    def wait_for_piece(
+        self, seen: int, var: str | None, taken: dict[str, int] | None
+    ) -> tuple[str, bool, dict[str, Any] | None]:
+        """``wait_for_change``, and with ``taken`` (a reader's count of incremental meta
+        entries already handed out, updated here) the meta info of ``var`` so far, whose
+        incremental keys hold only the new entries."""
+        piece, done = self.wait_for_change(seen, var)
+        if taken is None or var is None:
+            return piece, done, None
+        with self.cond:
+            so_far = self.frame.meta_info.get(var)
+            if not isinstance(so_far, dict):
+                return piece, done, None
+            meta = dict(so_far)
+            if piece:  # entries without text wait for the next piece (as SGLang merges them)
+                for key in INCREMENTAL_META_KEYS:
+                    if isinstance(so_far.get(key), list):
+                        meta[key] = so_far[key][taken.get(key, 0) :]
+                        taken[key] = len(so_far[key])
+            return piece, done, meta
 
     def _current(self, var: str | None) -> str:
         if var is None:

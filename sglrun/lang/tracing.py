@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING, Any
 from sglrun.lang.backend import Backend, GenerateRequest, GenerateResult, SelectRequest
 from sglrun.lang.chat_template import ChatTemplate, get_chat_template
 from sglrun.lang.choices import ChoicesDecision
-from sglrun.lang.global_config import global_config
-from sglrun.lang.ir import SamplingParams
+from sglrun.lang.global_config import dry_run_backend, global_config
+from sglrun.lang.ir import SamplingParams, SglArgument, SglExpr, SglExprList
 from sglrun.lang.registry import BackendOptions, default_backend_entry
 from sglrun.lang.runtime import execute, new_state
+from sglrun.lang.state import ProgramState
 
 if TYPE_CHECKING:
     from sglrun.lang.function import SglFunction
-    from sglrun.lang.state import ProgramState
 
 __all__ = [
     "PlaceholderBackend",
+    "TracerProgramState",
     "dry_run",
     "first_prompt",
     "missing_capabilities",
@@ -118,18 +119,68 @@ def dry_run(
     return _dry(function, arguments, PlaceholderBackend(template))
 
 
-def _dry(function: SglFunction, arguments: dict[str, Any], backend: Backend) -> ProgramState:
-    filled = {}
+class TracerProgramState(ProgramState):
+    """What ``trace()`` returns, as SGLang's tracer does: the state of a dry run, with the
+    nodes the program appended (``nodes``, ``last_node``, ``flatten_nodes()``)."""
+
+    __slots__ = ()
+
+    @property
+    def nodes(self) -> list[SglExpr]:
+        return self.executor.traced or []
+
+    @property
+    def last_node(self) -> SglExpr | None:
+        nodes = self.nodes
+        return nodes[-1] if nodes else None
+
+    def flatten_nodes(self) -> list[SglExpr]:
+        """The nodes with every expression list expanded, in order."""
+        flat: list[SglExpr] = []
+
+        def walk(node: SglExpr) -> None:
+            if isinstance(node, SglExprList):
+                for item in node.expr_list:
+                    walk(item)
+            else:
+                flat.append(node)
+
+        for node in self.nodes:
+            walk(node)
+        return flat
+
+
+def trace(function: SglFunction, arguments: dict[str, Any]) -> TracerProgramState:
+    """``SglFunction.trace``: a dry run where a missing argument is an ``SglArgument`` (an
+    f-string of it raises ``TypeError``), recording the nodes; the program's own exception
+    is raised, as SGLang's tracer raises it."""
+    backend = PlaceholderBackend(_template_for_dry_run())
+    state = _dry(function, arguments, backend, traced=True)
+    if state.executor.body_error is not None:
+        raise state.executor.body_error
+    assert isinstance(state, TracerProgramState)
+    return state
+
+
+def _dry(
+    function: SglFunction, arguments: dict[str, Any], backend: Backend, *, traced: bool = False
+) -> ProgramState:
+    filled: dict[str, Any] = {}
     for param in function.arg_params:
         if param.name in arguments:
             filled[param.name] = arguments[param.name]
         elif param.default is not param.empty:
             filled[param.name] = param.default
         elif param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            filled[param.name] = PLACEHOLDER.format(name=param.name)
+            missing = SglArgument(param.name) if traced else PLACEHOLDER.format(name=param.name)
+            filled[param.name] = missing
     template = backend.get_chat_template()
     state = new_state(function, backend, filled, SamplingParams.defaults(), chat_template=template)
-    execute(function, state, filled)
+    if traced:
+        state.executor.traced = []
+        state = TracerProgramState(state.executor)
+    with dry_run_backend(backend):  # programs it calls make no model call either
+        execute(function, state, filled)
     return state
 
 

@@ -4,6 +4,7 @@ answer, images from paths, bytes, data URLs or base64."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from sglrun.errors import InvalidArgumentError, ProgramError
 from sglrun.lang.backend import ImageData
 
-__all__ = ["load_image", "parse_dtype", "split_reasoning"]
+__all__ = ["check_json", "cut_note", "load_image", "parse_dtype", "split_reasoning"]
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -53,6 +54,28 @@ def parse_dtype(text: str, dtype: str | None, name: str | None) -> Any:
             f"gen {name!r} with dtype {dtype} produced {text[:40]!r}, which is not a {dtype}"
         ) from None
     return text
+
+
+def cut_note(meta: dict[str, Any]) -> str:
+    """``" (cut by max_tokens after N tokens)"`` when the meta info says it was cut."""
+    finish = meta.get("finish_reason")
+    if isinstance(finish, dict) and finish.get("type") == "length":
+        tokens = meta.get("completion_tokens")
+        return f" (cut by max_tokens after {tokens} tokens: raise max_tokens)"
+    return ""
+
+
+def check_json(text: str | list[str], name: str | None, meta: dict[str, Any]) -> None:
+    """A ``json_schema`` gen's text must be one JSON document; else an error naming the
+    variable (and saying when ``max_tokens`` cut it), never a silently broken string."""
+    for item in text if isinstance(text, list) else [text]:
+        try:
+            json.loads(item)
+        except ValueError:
+            raise ProgramError(
+                f"gen {name!r} with json_schema produced text that is not valid JSON"
+                f"{cut_note(meta)}: {item[:60]!r}"
+            ) from None
 
 
 def load_image(source: Any) -> ImageData:

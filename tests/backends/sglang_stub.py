@@ -153,6 +153,7 @@ class StubServer:
         self.requests: list[dict[str, Any]] = []
         self.faults: list[dict[str, Any]] = []
         self.stream_delay = 0.0
+        self.incremental = False  # as a server run with --incremental-streaming-output
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.stub = self
@@ -221,7 +222,8 @@ class SGLangStub(StubServer):
             handler.send_json(200, {"model_path": self.model_path,
                                     "tokenizer_path": self.model_path, "is_generation": True})
         elif path == "/server_info" and method == "GET":
-            handler.send_json(200, {"version": "0.5.0-stub", "model_path": self.model_path})
+            handler.send_json(200, {"version": "0.5.0-stub", "model_path": self.model_path,
+                                    "tokenizer_path": self.model_path})
         elif path == "/get_server_info" and method == "GET":
             handler.send_json(200, {"version": "0.4.0-stub"})
         elif path == "/flush_cache":
@@ -340,7 +342,15 @@ class SGLangStub(StubServer):
             meta["completion_tokens"] = index + 1
             if index < len(pieces) - 1:
                 meta["finish_reason"] = None
-            handler.send_chunk("data: " + json.dumps({"text": text, "meta_info": meta}) + "\n\n")
+            # As the server: logprob lists so far (or, with --incremental-streaming-output,
+            # only this token's, and the text as a delta).
+            for key in ("output_token_logprobs", "output_top_logprobs"):
+                if key in meta:
+                    full = meta[key]
+                    meta[key] = full[index : index + 1] if self.incremental else full[: index + 1]
+                    meta["output_token_logprobs_length"] = index + 1
+            sent = piece if self.incremental else text
+            handler.send_chunk("data: " + json.dumps({"text": sent, "meta_info": meta}) + "\n\n")
             if self.stream_delay:
                 time.sleep(self.stream_delay)
         handler.send_chunk("data: [DONE]\n\n")

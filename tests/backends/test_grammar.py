@@ -8,6 +8,7 @@ accept exactly the strings the original pattern accepts (on ASCII text, where SG
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
@@ -20,6 +21,7 @@ from sglrun.backends.grammar import (
     regex_grammar,
     regex_to_gbnf,
     regex_to_llguidance,
+    strict_json_schema,
     token_grammar,
 )
 from sglrun.errors import InvalidArgumentError, UnsupportedCapabilityError
@@ -139,8 +141,38 @@ def test_token_grammar():
     assert token_grammar([]) == 'root ::= ""'
 
 
+def test_compact_json_adds_guidance_options_without_losing_the_schemas_own():
+    grammar = json_schema_grammar({"type": "object", "x-guidance": {"lenient": True}})
+    body = json.loads(grammar.split("%json ", 1)[1])
+    assert body["x-guidance"] == {"lenient": True, "whitespace_flexible": False}
+
+
+def test_strict_json_schema_closes_listed_objects_only():
+    schema = {
+        "type": "object",
+        "properties": {
+            "inner": {"type": "object", "properties": {"b": {"type": "integer"}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+            "rows": {"type": "array", "items": {"properties": {"x": {}}}},
+            "any": {"type": "object"},
+        },
+        "$defs": {"d": {"properties": {"y": {}}}},
+        "anyOf": [{"properties": {"z": {}}}],
+    }
+    strict = strict_json_schema(schema)
+    assert strict["additionalProperties"] is False
+    props = strict["properties"]
+    assert props["inner"]["additionalProperties"] is False
+    assert props["open"]["additionalProperties"] is True
+    assert props["rows"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in props["any"]
+    assert strict["$defs"]["d"]["additionalProperties"] is False
+    assert strict["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the caller's schema is left alone
+
+
 def test_json_schema_grammar_and_probe():
-    grammar = json_schema_grammar({"type": "object", "required": ["a"]})
+    grammar = json_schema_grammar({"type": "object", "required": ["a"]}, compact=False)
     assert grammar == LLGUIDANCE_PREFIX + 'start: %json {"type": "object", "required": ["a"]}'
     probe = llguidance_probe(grammar)
     assert probe == (

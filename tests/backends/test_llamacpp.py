@@ -193,13 +193,25 @@ def test_stop_token_ids(backend, counting):
 
 
 @model
-def test_streaming_joins_to_the_text(backend):
+def test_streaming_joins_to_the_text_and_each_piece_carries_its_tokens(backend):
     chunks: list[str] = []
+    metas: list[dict] = []
+
+    def on_chunk(piece: str, meta: dict | None = None) -> None:
+        chunks.append(piece)
+        metas.append(meta or {})
+
     result = gen(
-        backend, chat("Tell me a story."), on_chunk=chunks.append, max_new_tokens=20, temperature=0
-    )
+        backend, chat("Tell me a story."), on_chunk=on_chunk, max_new_tokens=20,
+        temperature=0, return_logprob=True,
+    )  # fmt: skip
     assert len(chunks) >= 3
     assert "".join(chunks) == result.text
+    counts = [meta["completion_tokens"] for meta in metas]
+    assert counts == sorted(counts) and counts[-1] <= result.meta_info["completion_tokens"]
+    streamed = [entry for meta in metas for entry in meta["output_token_logprobs"]]
+    assert streamed == result.meta_info["output_token_logprobs"][: len(streamed)]
+    assert len(streamed) >= result.meta_info["completion_tokens"] - 2
 
 
 @model
@@ -209,8 +221,9 @@ def test_streaming_never_passes_a_stop(backend, counting):
     for params in ({"stop": [stop]}, {"stop_regex": [re.escape(stop)]}):
         chunks: list[str] = []
         result = gen(
-            backend, COUNTING, on_chunk=chunks.append, max_new_tokens=16, temperature=0, **params
-        )
+            backend, COUNTING, on_chunk=lambda piece, meta=None: chunks.append(piece),
+            max_new_tokens=16, temperature=0, **params,
+        )  # fmt: skip
         assert "".join(chunks) == result.text == full[: full.find(stop)]
 
 

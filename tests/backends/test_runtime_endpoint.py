@@ -139,13 +139,48 @@ def test_stream_delivers_deltas_of_cumulative_text(stub, backend):
     stub.stream_delay = 0.01
     chunks: list[str] = []
     try:
-        result = backend.generate(gen("Go", max_new_tokens=20), on_chunk=chunks.append)
+        result = backend.generate(
+            gen("Go", max_new_tokens=20), on_chunk=lambda piece, meta=None: chunks.append(piece)
+        )
     finally:
         stub.stream_delay = 0.0
     assert stub.posted("/generate")[-1]["stream"] is True
     assert chunks == tokenize(CONTINUATION)
     assert "".join(chunks) == result.text == CONTINUATION
     assert result.meta_info["finish_reason"] == {"type": "stop", "matched": None}
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["cumulative", "incremental"])
+def test_stream_pieces_carry_their_own_logprobs_as_sglang_streams_them(stub, backend, incremental):
+    """SGLang's test_stream_logprobs: each piece's logprobs are its own tokens'; the counts
+    are cumulative; whichever way the server streams."""
+    import asyncio
+
+    import sglrun as sgl
+
+    @sgl.function
+    def qa(s):
+        s += "Go" + sgl.gen("answer", return_logprob=True)
+
+    stub.incremental, stub.stream_delay = incremental, 0.02
+    try:
+        state = qa.run(backend=backend, stream=True, max_new_tokens=20, temperature=0)
+
+        async def collect():
+            return [c async for c in state.text_async_iter("answer", return_meta_data=True)]
+
+        chunks = asyncio.run(collect())
+    finally:
+        stub.incremental, stub.stream_delay = False, 0.0
+    assert len(chunks) > 1
+    before = 0
+    for text, meta in chunks:
+        assert text
+        assert meta["completion_tokens"] == meta["output_token_logprobs_length"]
+        assert len(meta["output_token_logprobs"]) == meta["completion_tokens"] - before
+        before = meta["completion_tokens"]
+    assert "".join(text for text, _ in chunks) == state["answer"] == CONTINUATION
+    assert len(state.get_meta_info("answer")["output_token_logprobs"]) == before
 
 
 def test_server_error_message_surfaces(stub, backend):

@@ -12,6 +12,7 @@ import pytest
 import sglrun as sgl
 from sglrun.backends.fake import FakeBackend
 from sglrun.errors import (
+    BackendError,
     InvalidArgumentError,
     ProgramError,
     UnsupportedCapabilityError,
@@ -99,15 +100,35 @@ def test_backend_failure_is_recorded_and_names_variable():
     assert isinstance(info.value, KeyError)
 
 
-def test_program_exception_is_kept_not_raised():
+def test_program_exception_leaves_run_as_in_sglang_and_stays_in_batch_rows():
     @sgl.function
     def prog(s, n: int):
         s += sgl.gen("first")
-        raise ValueError(f"bad row {n}")
+        if n == 3:
+            raise ValueError(f"bad row {n}")
 
-    state = prog.run(3, backend=FakeBackend(["ok"]))
-    assert isinstance(state.error(), ValueError) and "bad row 3" in str(state.error())
-    assert state["first"] == "ok"
+    with pytest.raises(ValueError, match="bad row 3"):
+        prog.run(3, backend=FakeBackend(["ok"]))
+    states = prog.run_batch([{"n": 1}, {"n": 3}], backend=FakeBackend(["ok"], cycle=True))
+    assert states[0].error() is None and states[0]["first"] == "ok"
+    assert isinstance(states[1].error(), ValueError) and "bad row 3" in str(states[1].error())
+    assert states[1]["first"] == "ok"
+
+
+def test_a_backend_failure_stays_in_the_state_unless_the_program_reads_it():
+    @sgl.function
+    def quiet(s):
+        s += sgl.gen("x")
+
+    @sgl.function
+    def reads(s):
+        s += sgl.gen("x")
+        s += "got " + s["x"]
+
+    state = quiet.run(backend=FakeBackend([BackendError("down")]))
+    assert isinstance(state.error(), BackendError)
+    with pytest.raises(VariableNotProducedError, match="'x'"):
+        reads.run(backend=FakeBackend([BackendError("down")]))
 
 
 def test_reading_a_variable_nobody_produces_fails_at_once():
