@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from sglrun.backends.llamacpp import LlamaCpp
     from sglrun.backends.openai import OpenAI
     from sglrun.backends.runtime_endpoint import RuntimeEndpoint
+    from sglrun.backends.sglang_runtime import Engine, Runtime
+    from sglrun.compat import install_sglang_alias
     from sglrun.errors import SglrunError
     from sglrun.lang.api import (
         assistant,
@@ -58,11 +60,13 @@ __all__ = [
     "REGEX_INT",
     "REGEX_STR",
     "Anthropic",
+    "Engine",
     "FakeBackend",
     "LlamaCpp",
     "OpenAI",
     "ProgramState",
     "ProgramStateGroup",
+    "Runtime",
     "RuntimeEndpoint",
     "SglrunError",
     "assistant",
@@ -77,6 +81,7 @@ __all__ = [
     "global_config",
     "greedy_token_selection",
     "image",
+    "install_sglang_alias",
     "select",
     "separate_reasoning",
     "set_default_backend",
@@ -184,6 +189,9 @@ _LAZY = {
     "LlamaCpp": "sglrun.backends.llamacpp",
     "OpenAI": "sglrun.backends.openai",
     "RuntimeEndpoint": "sglrun.backends.runtime_endpoint",
+    "Runtime": "sglrun.backends.sglang_runtime",
+    "Engine": "sglrun.backends.sglang_runtime",
+    "install_sglang_alias": "sglrun.compat",
 }
 
 

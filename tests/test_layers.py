@@ -1,4 +1,5 @@
-"""The layers: ``cli -> batch -> backends -> lang -> errors``; no module imports upward.
+"""The layers: ``cli -> batch -> compat -> backends -> lang -> errors``; no module imports
+upward.
 
 Every import in every module counts, the ones inside functions too (a lazy import is still a
 dependency). ``sglrun/__init__.py`` wires the layers together and may import any of them.
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sglrun"
-LAYERS = {"errors": 0, "lang": 1, "backends": 2, "batch": 3, "cli": 4}
+LAYERS = {"errors": 0, "lang": 1, "backends": 2, "compat": 3, "batch": 4, "cli": 5}
 
 
 def layer_of(module: str) -> int | None:

@@ -589,6 +589,7 @@ class LlamaCpp(Backend):
             made[0] += tokens
             meta: dict[str, Any] = {"completion_tokens": made[0]}
             if plan.return_logprob:
+                meta["output_token_logprobs_length"] = made[0]
                 meta["output_token_logprobs"] = [
                     logprob_entry(r, plan.with_text, self._piece) for r in records
                 ]
@@ -641,6 +642,7 @@ class LlamaCpp(Backend):
             meta["output_token_logprobs"] = [
                 logprob_entry(r, plan.with_text, self._piece) for r in records
             ]
+            meta["output_token_logprobs_length"] = len(records)
             meta["output_top_logprobs"] = [
                 top_entries(r, plan.top_n, plan.with_text, self._piece) for r in records
             ]

@@ -34,7 +34,7 @@ from sglrun.lang.ir import SAMPLING_FIELDS, SamplingParams
 if TYPE_CHECKING:
     from sglrun.lang.registry import BackendOptions
 
-__all__ = ["RuntimeEndpoint"]
+__all__ = ["Runtime", "RuntimeEndpoint"]
 
 MAX_HINT = 1024  # programs in flight, at most, whatever a server advertises
 DEFAULT_URL = "http://127.0.0.1:30000"  # where sglang.launch_server listens by default
@@ -413,3 +413,6 @@ def _choice_tokens(
     total = int(meta.get("prompt_tokens") or 0)
     first_position = total - len(entries)
     return entries[max(0, prompt_len - first_position) :]
+
+
+from sglrun.backends.sglang_runtime import Runtime  # noqa: E402 - where SGLang keeps it too

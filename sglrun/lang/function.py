@@ -126,7 +126,7 @@ class SglFunction:
         arguments = self.bind_call(args, kwargs)
         defaults = SamplingParams.defaults(**sampling)
         state = run_program(self, backend, arguments, defaults, stream=stream)
-        error = state.executor.body_error
+        error = None if stream else state.executor.body_error
         if error is not None:  # as SGLang: the program's own exception leaves run()
             raise error
         return state

@@ -443,3 +443,21 @@ RULES: dict[type, Callable[[Executor, Any], None]] = {
     SglConcateAndAppend: Executor.concate_and_append,
     SglSeparateReasoning: Executor.separate_reasoning,
 }
+
+
+_SGLANG_NAMES = {
+    "ProgramState": ("sglrun.lang.state", "ProgramState"),
+    "ProgramStateGroup": ("sglrun.lang.state", "ProgramStateGroup"),
+    "StreamExecutor": ("sglrun.lang.executor_view", "StreamExecutorView"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The names SGLang programs import from ``sglang.lang.interpreter`` (their modules
+    import this one, so they are found on first use)."""
+    found = _SGLANG_NAMES.get(name)
+    if found is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(found[0]), found[1])

@@ -21,6 +21,7 @@ __all__ = [
     "REGEX_STR",
     "SamplingParams",
     "SglArgument",
+    "SglSamplingParams",
     "SglCommitLazy",
     "SglConcateAndAppend",
     "SglConstantText",
@@ -403,3 +404,16 @@ class SglArgument(SglExpr):
         return f"Argument(name={self.name}, value={self.value!r})"
 
     __str__ = __repr__
+
+
+SglSamplingParams = SamplingParams  # SGLang's name
+
+
+def __getattr__(name: str) -> Any:
+    """``SglFunction`` under SGLang's module path (it lives in ``sglrun.lang.function``,
+    which imports this module)."""
+    if name == "SglFunction":
+        from sglrun.lang.function import SglFunction
+
+        return SglFunction
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

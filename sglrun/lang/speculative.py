@@ -11,14 +11,15 @@ share it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
-from sglrun.errors import ProgramError
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from sglrun.lang.ir import SamplingParams
 
-__all__ = ["SpecTerm", "match_template"]
+__all__ = ["SpecTerm", "match_prefix", "match_template"]
 
 MAX_TRIES = 3
 
@@ -35,7 +36,14 @@ class SpecTerm:
 
 def match_template(terms: list[SpecTerm], completion: str) -> dict[int, str] | None:
     """Values for each gen term (by index) if ``completion`` fits the template, else None."""
-    values: dict[int, str] = {}
+    values, complete = match_prefix(terms, completion)
+    return values if complete else None
+
+
+def match_prefix(terms: list[SpecTerm], completion: str) -> tuple[dict[int, str], bool]:
+    """Values for the gen terms ``completion`` fits, in order up to the first term it does
+    not fit (later gens get ""), and whether it fit all of them."""
+    values = {index: "" for index, term in enumerate(terms) if term.is_gen}
     position = 0
     for index, term in enumerate(terms):
         if not term.is_gen:
@@ -44,24 +52,22 @@ def match_template(terms: list[SpecTerm], completion: str) -> dict[int, str] | N
                 continue
             found = completion.find(fixed, position)
             if found < 0 or completion[position:found].strip():
-                return None
+                return values, False
             position = found + len(fixed)
             continue
-        end = len(completion)
         following = next((t.text.strip() for t in terms[index + 1 :] if not t.is_gen), "")
-        if following:
-            found = completion.find(following, position)
-            if found < 0:
-                return None
-            end = found
+        found = completion.find(following, position) if following else len(completion)
+        end = found if found >= 0 else len(completion)
         stops = [s for s in (term.params.stop if term.params else ()) or () if s]
-        for stop in stops:
-            at = completion.find(stop, position, end)
-            if at >= 0:
-                end = min(end, at)
+        cut = [at for at in (completion.find(stop, position, end) for stop in stops) if at >= 0]
+        if found < 0 and not cut:
+            return values, False
+        end = min([end, *cut])
         values[index] = completion[position:end].strip()
+        if found < 0:  # the gen ended at its stop; the fixed text after it is missing
+            return values, False
         position = end
-    return values
+    return values, True
 
 
 def fill_turn(executor: Any, terms: list[SpecTerm]) -> None:
@@ -90,24 +96,28 @@ def fill_turn(executor: Any, terms: list[SpecTerm]) -> None:
         name=gens[0].name,
     )
     meta: dict[str, Any] = {}
-    values = None
+    values: dict[int, str] = {}
+    complete = False
     completion = ""
     for _ in range(MAX_TRIES):
         result = executor.call_backend(executor.backend.generate, request)
         completion = result.text if isinstance(result.text, str) else result.text[0]
-        meta = dict(result.meta_info)
-        values = match_template(terms, completion)
-        if values is not None:
+        meta = dict(result.meta_info, speculative=True)
+        values, complete = match_prefix(terms, completion)
+        if complete:
             break
-    if values is None:
-        raise ProgramError(
+    if not complete:  # as SGLang: partial values (later gens empty), not a program error
+        warning = (
             f"speculative execution: after {MAX_TRIES} tries the model's assistant turn "
-            f"({completion[:60]!r}) did not follow the program's template"
+            f"({completion[:60]!r}) did not follow the program's template; "
+            "the values that did not fit are empty"
         )
+        logger.warning(warning)
+        meta["warning"] = warning
     for index, term in enumerate(terms):
         if term.is_gen:
             frame.text += values[index]
-            executor.sync.produce(term.name, values[index], dict(meta, speculative=True))
+            executor.sync.produce(term.name, values[index], dict(meta))
         else:
             frame.text += term.text
 

@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PlaceholderBackend",
+    "StopTracing",
     "TracerProgramState",
     "dry_run",
+    "extract_prefix_by_tracing",
     "first_prompt",
     "missing_capabilities",
     "needs_of",
@@ -207,3 +209,14 @@ def shared_prefix(
             break
         length += 1
     return first[:length].split("\x00")[0]
+
+
+class StopTracing(Exception):  # noqa: N818 - SGLang's name
+    """SGLang's tracer stops a prefix trace with it; importable for code that catches it."""
+
+
+def extract_prefix_by_tracing(program: SglFunction, backend: Backend | None = None) -> str:
+    """SGLang's name for ``shared_prefix``: the prompt text every run of ``program`` starts
+    with (what ``run_batch`` pre-caches when it is over 64 characters)."""
+    template = backend.get_chat_template() if backend is not None else None
+    return shared_prefix(program, None, template)
