@@ -112,7 +112,7 @@ class BaseBackend:
     def shutdown(self) -> None:
         pass
 
-    def flush_cache(self) -> None:
+    def flush_cache(self) -> Any:
         pass
 
     def get_server_info(self) -> Any:
@@ -147,7 +147,7 @@ class SglangBackendAdapter(Backend):
             except NotImplementedError:
                 pieces = None
             if pieces is not None:
-                text, meta = "", {}
+                text, meta = "", dict[str, Any]()
                 for piece, meta in pieces:
                     text += piece
                     on_chunk(piece, meta)
@@ -169,7 +169,8 @@ class SglangBackendAdapter(Backend):
         self.inner.cache_prefix(prefix)
 
     def flush_cache(self, empty_cache: bool = True) -> bool:
-        return bool(self.inner.flush_cache())
+        flushed: Any = self.inner.flush_cache()  # SGLang's answer None: nothing to report
+        return bool(flushed)
 
     def get_server_info(self) -> dict[str, Any]:
         info = self.inner.get_server_info()

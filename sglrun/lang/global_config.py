@@ -41,11 +41,12 @@ class GlobalConfig:
         """The given backend, else the default one; with none set, the registered default
         backend (the embedded engine on the default model) is started once (SGLang would fail
         here instead)."""
-        dry = getattr(_dry_run, "backend", None)
+        dry: Backend | None = getattr(_dry_run, "backend", None)
         if dry is not None:  # a dry run (tracing): nested programs make no model call either
             return dry
         if backend is not None:
-            return adapt_backend(getattr(backend, "endpoint", backend))
+            adapted: Backend = adapt_backend(getattr(backend, "endpoint", backend))
+            return adapted
         if self.default_backend is None:
             with self._lock:
                 if self.default_backend is None:

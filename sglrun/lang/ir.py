@@ -176,6 +176,7 @@ class SglExpr:
 
     __slots__ = ("prev_node",)
     kind: ClassVar[str] = "expr"
+    prev_node: SglExpr | None
 
     def print_graph_dfs(self) -> str:
         """The chain of traced nodes ending here, one per line, first first."""

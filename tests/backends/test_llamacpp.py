@@ -221,7 +221,7 @@ def test_streaming_never_passes_a_stop(backend, counting):
     for params in ({"stop": [stop]}, {"stop_regex": [re.escape(stop)]}):
         chunks: list[str] = []
         result = gen(
-            backend, COUNTING, on_chunk=lambda piece, meta=None: chunks.append(piece),
+            backend, COUNTING, on_chunk=lambda piece, meta=None, into=chunks: into.append(piece),
             max_new_tokens=16, temperature=0, **params,
         )  # fmt: skip
         assert "".join(chunks) == result.text == full[: full.find(stop)]
