@@ -261,11 +261,12 @@ def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
         lines.append(f"  {doc[0]}")
     lines.append("  parameters:")
     lines.extend(parameter_lines(fn, "    "))
-    state = fn.trace(**arguments)
+    from sglrun.lang.tracing import dry_run, needs_of
+
+    state = dry_run(fn, arguments)  # placeholders as text: a program may compute on them
     error = state.error()
     variables = list(state.variables())
     lines.append("  variables: " + (", ".join(variables) if variables else "(none)"))
-    from sglrun.lang.tracing import needs_of
 
     try:
         needs = needs_of(fn, arguments)
