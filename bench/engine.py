@@ -109,12 +109,14 @@ def measure(bench: Bench) -> None:
     row.values = {"tokens_per_s": mine, "hand_tokens_per_s": best}
     row.result = (
         f"{mine:,.0f} generated tokens/s at default settings (rounds: "
-        + ", ".join(f"{rate:,.0f}" for rate in ours) + ")"
+        + ", ".join(f"{rate:,.0f}" for rate in ours)
+        + ")"
     )
     shown = ", ".join(f"{slots} slots {rate:,.0f}" for slots, rate in sweep.items())
     row.reference = (
         f"hand loop {best:,.0f} tok/s at its best, {best_slots} slots (sweep: {shown}; rounds "
-        + ", ".join(f"{rate:,.0f}" for rate in hands) + f"; {threads} threads)"
+        + ", ".join(f"{rate:,.0f}" for rate in hands)
+        + f"; {threads} threads)"
     )
     row.ratio = f"{mine / best:.2f}"
     row.target = f">= {TARGET}"

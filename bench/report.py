@@ -51,7 +51,7 @@ METHOD = """\
 - **(3)** `sglrun batch bench/programs.py rows.jsonl -o out.jsonl --backend sglang --url URL -q`
   as a child process; its peak RSS is the `ru_maxrss` that `os.wait4` returns for that one
   child. Growth per row is (peak at the largest size - peak at the smallest) / rows between.
-  The whole run has a time budget (`--budget`, 900 s): the largest size shrinks to the rows the
+  The whole run has a time budget (`--budget`, 1,000 s): the largest size shrinks to the rows the
   time left allows at the rate of the run before it, and a run still going when the budget ends is
   stopped, its peak RSS and records written so far counted (both say so in the table).
 - **(4)** `bench/fork.py`: `fork(5)`, one gen per fork, join, one more gen; the server holds each
@@ -62,6 +62,10 @@ METHOD = """\
   are started and warmed (one batch of 8 other rows each) before timing; the sides then run in
   alternating rounds and the best round of each counts.
 - **(6)** Median wall time of fresh subprocesses.
+- **(9)** `bench/constrained.py`: one `LlamaCpp()` at default settings; tries alternate between
+  a gen constrained by a regex of 3-8 sentences and an unconstrained gen of the same length
+  (`ignore_eos`), each on its own prompt, each timed alone; ms per generated token, p50 and
+  p99 of 30 tries each (the grammar is compiled once before timing).
 """
 
 

@@ -10,6 +10,8 @@ hang hides the others; the long RSS part runs last and sizes itself to the time 
 4. wall time of ``fork(5)`` + one gen with 200 ms server latency;
 5. ``programs/capital_fact.py`` on the embedded SmolLM2 engine vs a hand-written thread pool
    over the same xllamacpp engine;
+7. latency-bound batches (``bench/latency.py``); 8. the engine's tokens/s (``bench/engine.py``);
+9. regex-constrained decoding against unconstrained, p50/p99 (``bench/constrained.py``);
 6. ``sglrun --help`` and ``import sglrun`` start-up time.
 """
 
@@ -65,6 +67,7 @@ LABELS = {
     "latency_batch_ordered_even": "(7) sglrun batch, {n} rows, latency 50 ms (sigma 0)",
     "latency_batch_unordered_even": "(7) sglrun batch --unordered, {n} rows, 50 ms (sigma 0)",
     "engine_sglrun": "(8) sglrun batch on LlamaCpp, {n} rows of bench/generate.py",
+    "constrained": "(9) regex-constrained gen on LlamaCpp, ~100 tokens, {n} tries",
     "help": "(6) sglrun --help start-up",
     "import": "(6) python -c 'import sglrun'",
 }
@@ -90,11 +93,12 @@ class Settings:
     engine_rows: int = 64
     engine_slots: tuple[int, ...] = (8, 16, 32)
     engine_rounds: int = 3
+    constrained_tries: int = 30
     num_threads: str | int = "auto"
     warmup: int = 200
     quick: bool = False
     part_limit_s: float = 600.0  # with --quick, the limit of every part (else PART_LIMITS)
-    budget_s: float = 900.0  # the whole run; the largest RSS size shrinks to fit (0: no limit)
+    budget_s: float = 1000.0  # the whole run; the largest RSS size shrinks to fit (0: no limit)
 
 
 QUICK = Settings(
@@ -113,6 +117,7 @@ QUICK = Settings(
     engine_rows=8,
     engine_slots=(4,),
     engine_rounds=1,
+    constrained_tries=3,
     warmup=50,
     quick=True,
     budget_s=0.0,
@@ -123,7 +128,7 @@ QUICK = Settings(
 # Seconds after which a part counts as hung (several times what each takes here).
 PART_LIMITS = {
     "6": 120.0, "4": 120.0, "1b": 120.0, "1": 300.0, "7": 600.0, "5": 360.0, "8": 600.0,
-    "3": 7200.0,
+    "9": 300.0, "3": 7200.0,
 }  # fmt: skip
 
 
@@ -490,6 +495,11 @@ class Bench:
 
         measure(self)
 
+    def constrained(self) -> None:
+        from bench.constrained import measure
+
+        measure(self)
+
     # ----------------------------------------------------------- (6) startup
     def startup(self) -> None:
         runs = self.s.startup_runs
@@ -527,6 +537,7 @@ class Bench:
             "5": ("(5) capital_fact on SmolLM2", ["capital_sglrun", "capital_hand"],
                   self.capital),
             "8": ("(8) the embedded engine's tokens/s", ["engine_sglrun"], self.engine),
+            "9": ("(9) constrained decoding", ["constrained"], self.constrained),
             "3": ("(3) sglrun batch peak RSS",
                   ["rss_small", "rss_medium", "rss_large", "rss_growth"], self.rss),
         }  # fmt: skip
@@ -565,11 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capital-rows", type=int, help="rows of capital_fact for (5)")
     parser.add_argument("--num-threads", help="run_batch num_threads for (1) (default auto)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
-    parser.add_argument("--only", help="comma-separated parts to run: 1,1b,3,4,5,6,7,8")
+    parser.add_argument("--only", help="comma-separated parts to run: 1,1b,3,4,5,6,7,8,9")
     parser.add_argument(
         "--budget",
         type=float,
-        help="seconds for the whole run (default 900; 0: no limit); "
+        help="seconds for the whole run (default 1000; 0: no limit); "
         "the largest RSS size shrinks to fit",
     )
     args = parser.parse_args(argv)
