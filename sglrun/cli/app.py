@@ -527,19 +527,37 @@ def main() -> None:
         code = EXIT_INTERRUPTED
     engines = sys.modules.get("sglrun.backends.llamacpp")  # loaded only if one was made
     try:
+        if engines is not None:
+            _flush_streams()
+            _arm_exit_watchdog(engines.CLOSE_TIMEOUT + 15)
         closed = engines is None or engines.close_live_engines()
         _ignore_signals()  # the work is done: a signal now must not kill the exit half-way
     except KeyboardInterrupt:  # Ctrl-C while waiting for the engine: leave at once
         _ignore_signals()
         closed, code = False, EXIT_INTERRUPTED
     if not closed:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flush_streams()
         os._exit(code if isinstance(code, int) else EXIT_FAILED)
     sys.exit(code)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _arm_exit_watchdog(seconds: float) -> None:
+    """A last resort that needs no Python thread: if freeing the engine hangs inside native
+    code (seen once in 240 interrupted runs), the process still ends, with exit code 1, after
+    ``seconds`` (faulthandler's C watchdog; its thread dump goes to /dev/null). The output
+    was flushed before."""
+    import faulthandler
+
+    sink = open(os.devnull, "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sink)
 
 
 def _ignore_signals() -> None:

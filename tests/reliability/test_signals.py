@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,3 +117,24 @@ def test_signals_never_crash_the_engine(work: Path, command: str, how: str) -> N
         assert sum(code == 130 for code, _, _ in outcomes) >= TRIES // 2, outcomes
     else:
         assert sum(code == 141 for code, _, _ in outcomes) >= TRIES // 2, outcomes
+
+
+def test_an_engine_that_never_frees_still_lets_the_process_end(tmp_path: Path) -> None:
+    """The last resort of ``sglrun.cli.app.main``: freeing the engine hangs (here: a stand-in
+    that sleeps) and the process still ends, exit 1, once the C watchdog fires."""
+    probe = (
+        "import sys, time\n"
+        "import sglrun.backends.llamacpp as engines\n"
+        "engines.CLOSE_TIMEOUT = -14.0  # the watchdog fires 1 s after the close starts\n"
+        "engines.close_live_engines = lambda: time.sleep(60)\n"
+        "from sglrun.cli.app import main\n"
+        "sys.argv = ['sglrun', '--version']\n"
+        "main()\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, cwd=tmp_path
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert "sglrun" in done.stdout  # what was written before the close was flushed
