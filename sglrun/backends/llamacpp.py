@@ -64,6 +64,7 @@ from sglrun.backends.llamacpp_support import (
     check_int,
     check_number,
     default_threads,
+    limit_openmp_spin,
     logprob_entry,
     signals_held,
     top_entries,
@@ -200,6 +201,7 @@ class LlamaCpp(Backend):
         with open(self.model_path, "rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise BackendError(f"{str(self.model_path)!r} is not a GGUF model file")
+        limit_openmp_spin()  # before xllamacpp loads libgomp, which reads it once
         try:
             import xllamacpp as xlc
         except ImportError as exc:  # pragma: no cover - a dependency

@@ -38,6 +38,7 @@ __all__ = [
     "check_int",
     "check_number",
     "default_threads",
+    "limit_openmp_spin",
     "logprob_entry",
     "top_entries",
 ]
@@ -73,6 +74,28 @@ def default_threads() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cores = cores or os.cpu_count() or 1
     return max(1, cores - int(_busy_cores() + 0.5))
+
+
+#: Spins an idle llama.cpp thread makes before it sleeps (libgomp's ``GOMP_SPINCOUNT``).
+OPENMP_SPINCOUNT = "1000"
+
+
+def limit_openmp_spin() -> None:
+    """Bound how long the engine's idle threads busy-wait; call before xllamacpp loads.
+
+    llama.cpp's CPU backend here is built on OpenMP, and its threads meet at a barrier after
+    every operation. libgomp waits there spinning, 300,000 spins by default (milliseconds),
+    because it assumes each thread has a core to itself. That only holds while nothing else
+    runs: once another process (another engine, a test run) takes a core after the engine
+    started with ``default_threads()``, a thread that waits spins out its whole time slice
+    while the thread it waits for cannot run, and the same generation took 10-80x longer
+    (measured here). 1,000 spins is what libgomp itself uses when it knows the cores are
+    shared; on an idle machine it costs nothing measurable (a barrier wait here is
+    microseconds). A value the user set (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) is kept;
+    libgomp reads it once, when it is first loaded, so this does nothing if some other
+    library loaded it earlier."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
 
 
 #: Characters held back while streaming with a stop regex whose matches have no length bound.

