@@ -83,17 +83,19 @@ OPENMP_SPINCOUNT = "1000"
 def limit_openmp_spin() -> None:
     """Bound how long the engine's idle threads busy-wait; call before xllamacpp loads.
 
-    llama.cpp's CPU backend here is built on OpenMP, and its threads meet at a barrier after
-    every operation. libgomp waits there spinning, 300,000 spins by default (milliseconds),
-    because it assumes each thread has a core to itself. That only holds while nothing else
-    runs: once another process (another engine, a test run) takes a core after the engine
-    started with ``default_threads()``, a thread that waits spins out its whole time slice
-    while the thread it waits for cannot run, and the same generation took 10-80x longer
-    (measured here). 1,000 spins is what libgomp itself uses when it knows the cores are
-    shared; on an idle machine it costs nothing measurable (a barrier wait here is
-    microseconds). A value the user set (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) is kept;
-    libgomp reads it once, when it is first loaded, so this does nothing if some other
-    library loaded it earlier."""
+    llama.cpp's CPU backend is built on OpenMP here, and its threads meet at a barrier after
+    every operation of every token. libgomp waits there spinning (300,000 spins by default),
+    as if each thread had a core to itself. Once other work takes a core after the engine
+    started with ``default_threads()`` (another engine, a test run), a waiting thread spins
+    out its time slice while the thread it waits for cannot run: with a second engine busy,
+    the same ~120-token generation, with or without a regex, took 6x longer at p50 and up
+    to 60x (over 110 s) instead of 1.9 s. At 1,000 spins a waiting thread soon sleeps and
+    gives the core back: 3x at p50, 3.7x at worst (30 tries each, measured here). On an idle
+    machine it costs about 5% at p50. (libgomp itself drops to 100 spins only when it sees
+    more threads than cores, which other processes' load does not show it.)
+
+    A value the user set (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) is kept. libgomp reads
+    it once, when it is first loaded, so this does nothing if another library loaded it."""
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
 
