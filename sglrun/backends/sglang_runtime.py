@@ -68,7 +68,8 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         kwargs.pop("log_level", None)
-        self.backend = _start_engine(model_path, kwargs, "sgl.Engine")
+        who = kwargs.pop("_who", "sgl.Engine")
+        self.backend = _start_engine(model_path, kwargs, who)
 
     def generate(
         self,
@@ -161,9 +162,8 @@ class Runtime:
     def __init__(self, model_path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         for key in ("log_level", "launch_timeout", "port", "host"):
             kwargs.pop(key, None)
-        self.endpoint = _start_engine(model_path, kwargs, "sgl.Runtime")
-        self._engine = Engine.__new__(Engine)
-        self._engine.backend = self.endpoint
+        self._engine = Engine(model_path, _who="sgl.Runtime", **kwargs)
+        self.endpoint = self._engine.backend
 
     def generate(
         self,
