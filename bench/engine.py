@@ -73,7 +73,8 @@ def hand_loop(slots: int, threads: int, texts: list[str], tokens: int) -> float:
 def sglrun_batch(rows_path: str, tmp: str) -> tuple[float, str]:
     """Generated tokens/s ``sglrun batch`` reports at default settings (and its stderr)."""
     command = [os.path.join(BIN, "sglrun"), "batch", os.path.join("bench", "generate.py"),
-               rows_path, "-o", os.path.join(tmp, "out.jsonl"), "-q", "--overwrite"]  # fmt: skip
+               rows_path, "-o", os.path.join(tmp, "out.jsonl"), "-q", "--overwrite",
+               "--no-cache"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     match = re.search(r"([\d.,]+) tok/s", done.stderr)
     if done.returncode != 0 or match is None:

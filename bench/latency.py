@@ -76,7 +76,7 @@ def measure(bench: Bench) -> None:
                     command = [
                         os.path.join(BIN, "sglrun"), "batch", os.path.join("bench", "programs.py"),
                         rows_path, "-o", out_path, "--backend", "sglang", "--url", server.url,
-                        "-q",
+                        "-q", "--no-cache",  # as run_batch: every call to the server
                     ] + (["--unordered"] if mode == "batch_unordered" else [])  # fmt: skip
                     server.reset()
                     done = subprocess.run(

@@ -66,6 +66,14 @@ METHOD = """\
   a gen constrained by a regex of 3-8 sentences and an unconstrained gen of the same length
   (`ignore_eos`), each on its own prompt, each timed alone; ms per generated token, p50 and
   p99 of 30 tries each (the grammar is compiled once before timing).
+- **(10)** `bench/cache.py`: `sglrun batch` of the reference program (three calls a row) on
+  the instant server, as a user runs it (wall time of the process, start-up included):
+  `--no-cache`, then filling a new cache file, then again on that file (every call replayed).
+  The floor is the same batch on the in-process fake backend with no cache: the runtime and
+  the batch machinery without any model call, which no replay can beat. Bytes per call: the
+  checkpointed database file over its entries. Then a fill and a rerun of 2,000 rows against
+  the latency server (lognormal, median 50 ms, sigma 1). (3) runs with the cache on (a new
+  file per size), as `sglrun batch` does by default; (7) and (8) with `--no-cache`.
 """
 
 

@@ -12,6 +12,8 @@ hang hides the others; the long RSS part runs last and sizes itself to the time 
    over the same xllamacpp engine;
 7. latency-bound batches (``bench/latency.py``); 8. the engine's tokens/s (``bench/engine.py``);
 9. regex-constrained decoding against unconstrained, p50/p99 (``bench/constrained.py``);
+10. the call cache: a fully cached rerun against the uncached run, and bytes per entry
+    (``bench/cache.py``);
 6. ``sglrun --help`` and ``import sglrun`` start-up time.
 """
 
@@ -68,6 +70,12 @@ LABELS = {
     "latency_batch_unordered_even": "(7) sglrun batch --unordered, {n} rows, 50 ms (sigma 0)",
     "engine_sglrun": "(8) sglrun batch on LlamaCpp, {n} rows of bench/generate.py",
     "constrained": "(9) regex-constrained gen on LlamaCpp, ~100 tokens, {n} tries",
+    "cache_uncached": "(10) sglrun batch, {n} rows, instant server, --no-cache",
+    "cache_fill": "(10) sglrun batch, {n} rows, filling a new cache",
+    "cache_rerun": "(10) sglrun batch, {n} rows, rerun fully cached",
+    "cache_floor": "(10) floor: sglrun batch, {n} rows, in-process fake backend, no cache",
+    "cache_size": "(10) call cache size per entry (reference program)",
+    "cache_latency": "(10) rerun fully cached vs first run, {n} rows, lognormal 50 ms sigma 1",
     "help": "(6) sglrun --help start-up",
     "import": "(6) python -c 'import sglrun'",
 }
@@ -94,6 +102,8 @@ class Settings:
     engine_slots: tuple[int, ...] = (8, 16, 32)
     engine_rounds: int = 3
     constrained_tries: int = 30
+    cache_rows: int = 20_000
+    cache_latency_rows: int = 2_000
     num_threads: str | int = "auto"
     warmup: int = 200
     quick: bool = False
@@ -118,6 +128,8 @@ QUICK = Settings(
     engine_slots=(4,),
     engine_rounds=1,
     constrained_tries=3,
+    cache_rows=500,
+    cache_latency_rows=100,
     warmup=50,
     quick=True,
     budget_s=0.0,
@@ -128,7 +140,7 @@ QUICK = Settings(
 # Seconds after which a part counts as hung (several times what each takes here).
 PART_LIMITS = {
     "6": 120.0, "4": 120.0, "1b": 120.0, "1": 300.0, "7": 600.0, "5": 360.0, "8": 600.0,
-    "9": 300.0, "3": 7200.0,
+    "9": 300.0, "10": 300.0, "3": 7200.0,
 }  # fmt: skip
 
 
@@ -363,6 +375,7 @@ class Bench:
                 command = [
                     os.path.join(BIN, "sglrun"), "batch", os.path.join("bench", "programs.py"),
                     rows_path, "-o", out_path, "--backend", "sglang", "--url", server.url, "-q",
+                    "--cache", os.path.join(tmp, f"calls-{size}.sqlite"),  # on, as by default
                 ]  # fmt: skip
                 server.reset()
                 run = run_with_rusage(command, limit=limit)
@@ -500,6 +513,11 @@ class Bench:
 
         measure(self)
 
+    def cache(self) -> None:
+        from bench.cache import measure
+
+        measure(self)
+
     # ----------------------------------------------------------- (6) startup
     def startup(self) -> None:
         runs = self.s.startup_runs
@@ -538,6 +556,8 @@ class Bench:
                   self.capital),
             "8": ("(8) the embedded engine's tokens/s", ["engine_sglrun"], self.engine),
             "9": ("(9) constrained decoding", ["constrained"], self.constrained),
+            "10": ("(10) the call cache", [k for k in ROW_KEYS if k.startswith("cache_")],
+                   self.cache),
             "3": ("(3) sglrun batch peak RSS",
                   ["rss_small", "rss_medium", "rss_large", "rss_growth"], self.rss),
         }  # fmt: skip
@@ -576,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capital-rows", type=int, help="rows of capital_fact for (5)")
     parser.add_argument("--num-threads", help="run_batch num_threads for (1) (default auto)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
-    parser.add_argument("--only", help="comma-separated parts to run: 1,1b,3,4,5,6,7,8,9")
+    parser.add_argument("--only", help="comma-separated parts to run: 1,1b,3,...,9,10")
     parser.add_argument(
         "--budget",
         type=float,

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         image,
         select,
         separate_reasoning,
+        set_cache,
         set_default_backend,
         system,
         system_begin,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
         user_end,
         video,
     )
+    from sglrun.lang.call_cache import CallCache
     from sglrun.lang.choices import (
         greedy_token_selection,
         token_length_normalized,
@@ -60,6 +62,7 @@ __all__ = [
     "REGEX_INT",
     "REGEX_STR",
     "Anthropic",
+    "CallCache",
     "Engine",
     "FakeBackend",
     "LlamaCpp",
@@ -84,6 +87,7 @@ __all__ = [
     "install_sglang_alias",
     "select",
     "separate_reasoning",
+    "set_cache",
     "set_default_backend",
     "system",
     "system_begin",
@@ -162,6 +166,7 @@ _LAZY = {
             "image",
             "select",
             "separate_reasoning",
+            "set_cache",
             "set_default_backend",
             "system",
             "system_begin",
@@ -184,6 +189,7 @@ _LAZY = {
     "ProgramState": "sglrun.lang.state",
     "ProgramStateGroup": "sglrun.lang.state",
     "SglrunError": "sglrun.errors",
+    "CallCache": "sglrun.lang.call_cache",
     "Anthropic": "sglrun.backends.anthropic",
     "FakeBackend": "sglrun.backends.fake",
     "LlamaCpp": "sglrun.backends.llamacpp",

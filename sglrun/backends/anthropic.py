@@ -85,6 +85,14 @@ class Anthropic(Backend):
     def __repr__(self) -> str:
         return f"Anthropic({self.model_name!r}, {self.transport.pool.urls!r})"
 
+    def cache_identity(self) -> dict[str, Any]:
+        """The model, and the server when it is not Anthropic's own (a proxy). No key."""
+        from sglrun.backends.http_support import mask_url
+
+        urls = sorted(map(mask_url, self.transport.pool.urls))
+        servers = None if urls == ["https://api.anthropic.com"] else urls
+        return {"backend": "anthropic", "model": self.model_name, "servers": servers}
+
     def get_model_name(self) -> str:
         return self.model_name
 

@@ -66,6 +66,13 @@ class FakeBackend(Backend):
         self._lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
+        # Scripted replies depend on the call order, not the request: not cached, unless a
+        # test names the script (then only calls to an instance with that name replay).
+        self.cache_token: str | None = None
+
+    def cache_identity(self) -> dict[str, Any] | None:
+        """None (never cached) unless ``cache_token`` names the script."""
+        return None if self.cache_token is None else {"backend": "fake", "script": self.cache_token}
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> FakeBackend:

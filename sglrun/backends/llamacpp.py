@@ -417,6 +417,10 @@ class LlamaCpp(Backend):
             return get_chat_template(self.chat_template_name)
         return get_chat_template_by_model_path(str(self.model_path))
 
+    def cache_identity(self) -> dict[str, Any]:
+        """The model file by its content (hashed once per file and change, see the cache)."""
+        return {"backend": "llamacpp", "model": self.model_path}
+
     def get_model_name(self) -> str:
         return self.model_path.name.removesuffix(".gguf")
 

@@ -152,6 +152,15 @@ class OpenAI(Backend):
         return f"OpenAI({self.model_name!r}, {self.transport.pool.urls!r}, {mode})"
 
     # ------------------------------------------------------------------ info
+    def cache_identity(self) -> dict[str, Any]:
+        """The model, and the server unless it is OpenAI's: a local server's model name (often
+        "default") does not say which model it runs. No key, no URL password."""
+        from sglrun.backends.http_support import mask_url
+
+        servers = None if self.is_openai else sorted(map(mask_url, self.transport.pool.urls))
+        return {"backend": "openai", "model": self.model_name, "servers": servers,
+                "chat": self.is_chat_model, "extra_body": self.extra_body}  # fmt: skip
+
     def get_model_name(self) -> str:
         return self.model_name
 

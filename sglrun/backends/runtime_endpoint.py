@@ -131,6 +131,10 @@ class RuntimeEndpoint(Backend):
         return f"RuntimeEndpoint({self.transport.pool.urls!r}, model={self.get_model_name()!r})"
 
     # ------------------------------------------------------------------ info
+    def cache_identity(self) -> dict[str, Any]:
+        """The served model (``/get_model_info``), whatever address the server has today."""
+        return {"backend": "sglang", "model": self.get_model_name()}
+
     def get_model_name(self) -> str:
         return str(self.model_info.get("model_path", "unknown"))
 

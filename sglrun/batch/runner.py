@@ -34,6 +34,7 @@ from sglrun.lang.scheduler import Feed, Finished, Scheduler
 
 if TYPE_CHECKING:
     from sglrun.lang.backend import Backend
+    from sglrun.lang.call_cache import CallCache
     from sglrun.lang.function import SglFunction
     from sglrun.lang.ir import SamplingParams
     from sglrun.lang.state import ProgramState
@@ -183,8 +184,10 @@ class _Batch:
         on_row: Callable[[str, float, float, str], None] | None = None,
         input_columns: tuple[str, ...] | None = None,
         json_values: bool = False,
+        cache: CallCache | None = None,
     ) -> None:
         self.json_values = json_values
+        self.cache = cache
         self.on_row = on_row
         self.input_columns = input_columns
         self.program = program
@@ -297,7 +300,7 @@ class _Batch:
         # panel polls); nobody reads the state from another thread, so nobody waits on it.
         state = new_state(
             self.program, self.backend, arguments, self.defaults,
-            stream=panel is not None, readers_wait=False,
+            stream=panel is not None, readers_wait=False, cache=self.cache,
         )  # fmt: skip
         if panel is not None:
             panel.track(job.position, row.id, state)
@@ -404,6 +407,7 @@ def run_batch_file(
     on_row: Callable[[str, float, float, str], None] | None = None,
     input_columns: tuple[str, ...] | None = None,
     json_values: bool = False,
+    cache: CallCache | None = None,
 ) -> BatchStats:
     """Run ``program`` on every row and hand one record per row to ``on_record``.
 
@@ -416,7 +420,8 @@ def run_batch_file(
     becomes a ``RowTimeout`` error record. After ``max_failures`` failed rows no new row
     starts (``stats.too_many_failures``). ``on_row(id, start, seconds, status)`` hears of
     each finished row (``--joblog``); ``input_columns`` narrows ``include`` input to those
-    columns; ``json_values`` writes a json_schema gen's value as the JSON it holds. Returns
+    columns; ``json_values`` writes a json_schema gen's value as the JSON it holds; ``cache``
+    replays the model calls it holds and stores the new ones. Returns
     the counters; ``status`` says how the run ended ("completed", "interrupted",
     "read_error": the input broke after some rows, "write_error": the output broke).
     """
@@ -442,7 +447,7 @@ def run_batch_file(
         on_progress=on_progress, include=frozenset(include), stream_panel=stream_panel,
         mapping=mapping, strict=strict, id_field=id_field, source=source, stop=stop,
         skip_ids=skip_ids, skip_digests=skip_digests or {}, keys=keys, on_row=on_row,
-        input_columns=input_columns, json_values=json_values,
+        input_columns=input_columns, json_values=json_values, cache=cache,
     )  # fmt: skip
     scheduler = Scheduler(num_threads, name=f"batch {program.name}", row_timeout=row_timeout)
     logger.info("batch %s: %d in flight, window %d", program.name, num_threads, window)

@@ -24,6 +24,7 @@ from sglrun.cli.batch_flags import (
     rendered_output,
     split_list,
 )
+from sglrun.cli.cache_cmd import cache_app
 from sglrun.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -39,6 +40,8 @@ from sglrun.cli.common import (
 from sglrun.cli.options import (
     ApiKeyEnvOpt,
     BackendOpt,
+    CacheModeOpt,
+    CacheOpt,
     ConfigOpt,
     CtxSizeOpt,
     EngineThreadsOpt,
@@ -46,6 +49,7 @@ from sglrun.cli.options import (
     InsecureOpt,
     MaxTokensOpt,
     ModelOpt,
+    NoCacheOpt,
     ProfileOpt,
     ProgramArg,
     QuietOpt,
@@ -59,6 +63,7 @@ from sglrun.cli.options import (
     TopPOpt,
     UrlOpt,
     VerboseOpt,
+    bare_cache_flag,
 )
 from sglrun.cli.run_once import run_once
 from sglrun.errors import InputError
@@ -80,7 +85,7 @@ class _OneLineErrors(TyperGroup):
     ) -> Any:
         from typer._click.exceptions import ClickException  # typer's own copy of click
 
-        args = list(sys.argv[1:] if args is None else args)
+        args = bare_cache_flag(list(sys.argv[1:] if args is None else args))
         INVOCATION[:] = args
         try:
             result = super().main(
@@ -126,6 +131,7 @@ config_app = typer.Typer(
     help="Show the resolved configuration.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(config_app, name="config")
+app.add_typer(cache_app, name="cache")
 
 
 def _version(value: bool) -> None:
@@ -285,6 +291,9 @@ def batch(
     slots: SlotsOpt = None,
     ctx_size: CtxSizeOpt = None,
     reproducible: ReproducibleOpt = None,
+    cache: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
+    cache_mode: CacheModeOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     quiet: QuietOpt = False,
@@ -425,6 +434,9 @@ def run(
     slots: SlotsOpt = None,
     ctx_size: CtxSizeOpt = None,
     reproducible: ReproducibleOpt = None,
+    cache: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
+    cache_mode: CacheModeOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     quiet: QuietOpt = False,

@@ -70,6 +70,7 @@ class BatchJob:
     input_columns: tuple[str, ...] | None = None
     rendered: tuple[str, str] | None = None  # (output, kind) rendered from the journal ``out``
     json_values: bool = False
+    cache: Any = None  # the run's CallCache (``prepare`` opens it), or None
 
     def prepare(self) -> None:
         """Open the input and output and build the backend; raises SglrunError (exit 2)."""
@@ -95,6 +96,11 @@ class BatchJob:
             )
             self.threads = auto_threads(self.settings, self.backend_name, self.backend)
             self._check_capabilities()
+            from sglrun.cli.cache_cmd import open_call_cache
+
+            self.cache = open_call_cache(
+                self.settings, default_on=True, on_warning=lambda m: say(f"sglrun: warning: {m}")
+            )
         except BaseException:
             self.batch.finish(keep=False)
             raise
@@ -184,6 +190,8 @@ class BatchJob:
                 )
 
         threading.Thread(target=announce, name="sglrun-interrupt", daemon=True).start()
+        if self.cache is not None:  # a cache that breaks mid-run says so above the bar
+            self.cache.store.on_warning = lambda m: display.note(f"sglrun: warning: {m}")
         try:
             with stop_on_signals(stop), display:
                 stats = run_batch_file(
@@ -199,6 +207,7 @@ class BatchJob:
                     row_timeout=self.timeout, max_failures=self.max_failures,
                     on_row=self.log.row if self.log is not None else None,
                     input_columns=self.input_columns, json_values=self.json_values,
+                    cache=self.cache,
                 )  # fmt: skip
                 display.update(stats)  # the final numbers, unthrottled
         except BaseException:
@@ -213,12 +222,19 @@ class BatchJob:
                 pass
             if self.log is not None:
                 self.log.close()
+            if self.cache is not None:  # the finished calls are on disk before any exit
+                from sglrun.lang.call_cache import release_store
+
+                self.cache.finish()
+                release_store(self.cache.store)
             if claimed is not None:
                 claimed.restore()
         self.batch.finish(keep=stats.status != "write_error")
         if self.rendered is not None and stats.status != "write_error":
             self._render(*self.rendered)
-        display.summary(stats, _retries(self.backend))
+        from sglrun.cli.cache_cmd import cache_summary
+
+        display.summary(stats, _retries(self.backend), cache_summary(self.cache))
         self._exit(stats, label)
 
     def _exit(self, stats: Any, label: str) -> NoReturn:

@@ -42,6 +42,9 @@ KEYS = (
     "slots",
     "ctx_size",
     "reproducible",
+    "cache",
+    "cache_mode",
+    "cache_max_size",
     "default_profile",
 )
 #: Old names still read (files, ``SGLRUN_*``, flags): ``num_threads`` meant rows in parallel.
@@ -81,6 +84,11 @@ class Settings:
     slots: int | None = None  # sequences decoded together
     ctx_size: int | None = None  # context tokens, all slots together
     reproducible: bool = False  # one slot, no prompt reuse: same greedy text every run
+    # The call cache: True (the user cache directory), a path, False; None: the command's
+    # default (on for ``batch``, off for ``run``). Mode use|refresh|off; size in bytes.
+    cache: bool | str | None = None
+    cache_mode: str = "use"
+    cache_max_size: int | None = None
     default_profile: str | None = None
     profile: str | None = None
     files: list[str] = field(default_factory=list)
@@ -201,6 +209,27 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+def _cache(value: Any) -> bool | str:
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip()):
+        return value
+    raise _Bad("true, false or the path of the cache file")
+
+
+def _cache_mode(value: Any) -> str:
+    if value in ("use", "refresh", "off"):
+        return str(value)
+    raise _Bad("one of use, refresh, off")
+
+
+def _size(value: Any) -> int:
+    from sglrun.lang.call_cache import parse_size
+
+    try:
+        return parse_size(value)
+    except InvalidArgumentError:
+        raise _Bad("a size like 500MB or 2GB, or a number of bytes") from None
+
+
 def _threads(value: Any) -> int | str:
     if value == "auto" or (_is_int(value) and value >= 1):
         return value
@@ -226,6 +255,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "slots": _integer(1),
     "ctx_size": _integer(256),
     "reproducible": _boolean,
+    "cache": _cache,
+    "cache_mode": _cache_mode,
+    "cache_max_size": _size,
     "default_profile": _string,
 }
 
@@ -268,6 +300,9 @@ def _from_text(key: str, text: str) -> Any:
             return text
     if key in ("coalesce", "reproducible") and text.lower() in _BOOLEAN_TEXT:
         return _BOOLEAN_TEXT[text.lower()]
+    if key == "cache":  # SGLRUN_CACHE=off, =on or =PATH
+        words = {**_BOOLEAN_TEXT, "on": True, "off": False}
+        return words.get(text.lower(), text)
     if key in ("temperature", "top_p", "timeout", "row_timeout"):
         try:
             return float(text)
@@ -294,9 +329,34 @@ def _unknown_key(where: str, key: Any, valid: tuple[str, ...]) -> ConfigError:
     return ConfigError(f"{where}: unknown key {name!r} ({hint})")
 
 
+_CACHE_PARTS = {"path": "cache", "enabled": "cache", "mode": "cache_mode",
+                "max_size": "cache_max_size"}  # fmt: skip
+
+
+def _cache_section(value: Mapping[Any, Any], where: str) -> dict[str, Any]:
+    """``cache: {path: ..., enabled: ..., mode: ..., max_size: ...}`` as the flat keys."""
+    values: dict[str, Any] = {}
+    for part, item in value.items():
+        if part not in _CACHE_PARTS:
+            raise _unknown_key(f"{where}: cache", part, tuple(_CACHE_PARTS))
+        key = _CACHE_PARTS[part]
+        if part == "enabled" and not isinstance(item, bool):
+            raise ConfigError(f"{where}: key 'cache.enabled' must be true or false")
+        if part == "enabled" and (item is False or "cache" not in values):
+            values[key] = item
+        elif part != "enabled":
+            values[key] = _check(key, item, f"{where}: key 'cache.{part}'")
+    if value.get("enabled") is False:
+        values["cache"] = False
+    return values
+
+
 def _section(data: Mapping[Any, Any], where: str, valid: tuple[str, ...]) -> dict[str, Any]:
     values = {}
     for written, value in data.items():
+        if written == "cache" and isinstance(value, Mapping):
+            values.update(_cache_section(value, where))
+            continue
         key = ALIASES.get(written, written)
         if key not in valid:
             raise _unknown_key(where, key, valid)

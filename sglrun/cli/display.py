@@ -73,7 +73,9 @@ def _latency(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else _seconds(value)
 
 
-def format_summary(stats: BatchStats, output: str | None = None, retries: int = 0) -> str:
+def format_summary(
+    stats: BatchStats, output: str | None = None, retries: int = 0, cache: str | None = None
+) -> str:
     """The one line printed at the end of a batch, e.g.
     ``sglrun: 24 rows, 23 ok, 1 failed, 3.2 rows/s, 210 tok/s, tokens 9,120 in / 1,575 out,
     850 ms/row, 7.5 s -> out.jsonl`` (s/row: a row's own mean run time, its latency)."""
@@ -91,6 +93,7 @@ def format_summary(stats: BatchStats, output: str | None = None, retries: int = 
         f"{_rate(stats.tokens_per_second)} tok/s",
         f"tokens {stats.prompt_tokens:,} in / {stats.tokens:,} out",
         f"{_latency(stats.mean_latency)}/row",
+        *([cache] if cache else []),
         _seconds(stats.elapsed),
     ]
     line = ", ".join(parts)
@@ -320,9 +323,9 @@ class BatchDisplay:
             self.stream.write(message + "\n")
             self.stream.flush()
 
-    def summary(self, stats: BatchStats, retries: int = 0) -> None:
+    def summary(self, stats: BatchStats, retries: int = 0, cache: str | None = None) -> None:
         """Print the final summary line (always, even with --quiet)."""
-        self.stream.write(format_summary(stats, self.output, retries) + "\n")
+        self.stream.write(format_summary(stats, self.output, retries, cache) + "\n")
         self.stream.flush()
 
 

@@ -92,6 +92,26 @@ CtxSizeOpt = Annotated[
         "--ctx-size", metavar="N", help="local: context tokens, all slots together [2048/slot]."
     ),
 ]
+CacheOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cache",
+        metavar="[PATH]",
+        help="Cache model calls: a rerun replays them [batch: on, in ~/.cache/sglrun; "
+        "--cache alone: there; PATH: that file].",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Neither read nor write the call cache.")
+]
+CacheModeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cache-mode",
+        metavar="use|refresh|off",
+        help="refresh: send every call again (fresh samples) and store the answers [use].",
+    ),
+]
 ConfigOpt = Annotated[
     Optional[str],
     typer.Option("--config", metavar="FILE", help="Settings file (replaces sglrun.yaml)."),
@@ -135,6 +155,9 @@ class SharedFlags:
     slots: int | None = None
     ctx_size: int | None = None
     reproducible: bool | None = None
+    cache: str | None = None  # "" when --cache came without a path
+    no_cache: bool = False
+    cache_mode: str | None = None
     config: str | None = None
     profile: str | None = None
     quiet: bool = False
@@ -154,4 +177,18 @@ class SharedFlags:
         engine = ("engine_threads", "slots", "ctx_size", "reproducible")
         flags = {key: getattr(self, key) for key in (*keys, "top_k", "concurrency", *engine)}
         flags.update(url=self.url or None, stop=self.stop or None)  # [] = not given
+        cache: bool | str | None = True if self.cache == "" else self.cache
+        flags.update(cache=False if self.no_cache else cache, cache_mode=self.cache_mode)
         return resolve_settings(flags, config_file=self.config, profile=self.profile)
+
+
+def bare_cache_flag(args: list[str]) -> list[str]:
+    """``--cache`` with no path (last, or before another flag) as ``--cache=``: typer's click
+    has no optional option values. A path follows as ``--cache PATH`` or ``--cache=PATH``;
+    a program's own arguments after ``--`` are left alone."""
+    out = list(args)
+    end = out.index("--") if "--" in out else len(out)
+    for index in range(end):
+        if out[index] == "--cache" and (index + 1 >= end or out[index + 1].startswith("-")):
+            out[index] = "--cache="
+    return out

@@ -48,8 +48,15 @@ def run_once(
     # `sglrun run prog.py | jq` gets only the JSON), else nowhere (cron, both redirected).
     text_out = next((f for f in (sys.stdout, sys.stderr) if is_terminal(f)), None)
     stream = not json_only and text_out is not None
+    from sglrun.cli.cache_cmd import open_call_cache
+
+    cache = open_call_cache(
+        settings, default_on=False, on_warning=lambda m: say(f"sglrun: warning: {m}")
+    )
     try:
-        state = run_program(fn, backend, arguments, run_defaults(settings), stream=stream)
+        state = run_program(
+            fn, backend, arguments, run_defaults(settings), stream=stream, cache=cache or False
+        )
         if stream and text_out is not None:
             ended_with_newline = True
             for piece in state.text_iter():
@@ -62,6 +69,11 @@ def run_once(
         variables = state.variables()
         out.write(json.dumps(to_jsonable(variables), ensure_ascii=False, indent=2) + "\n")
         out.flush()
+        if cache is not None:
+            from sglrun.lang.call_cache import release_store
+
+            cache.finish()
+            release_store(cache.store)
     except KeyboardInterrupt:
         shutdown_backend(backend)
         say("sglrun: interrupted")

@@ -7,9 +7,10 @@ call, so a typo fails on the line that made it rather than inside a worker threa
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sglrun.errors import InvalidArgumentError
 from sglrun.lang.choices import ChoicesSamplingMethod, token_length_normalized
@@ -30,6 +31,9 @@ from sglrun.lang.ir import (
     normalize_sampling,
 )
 
+if TYPE_CHECKING:
+    from sglrun.lang.call_cache import CallCache
+
 __all__ = [
     "assistant",
     "assistant_begin",
@@ -43,6 +47,7 @@ __all__ = [
     "image",
     "select",
     "separate_reasoning",
+    "set_cache",
     "set_default_backend",
     "system",
     "system_begin",
@@ -75,6 +80,31 @@ def set_default_backend(backend: Any) -> None:
     if not isinstance(backend, Backend):
         raise InvalidArgumentError(f"set_default_backend needs a backend, not {backend!r}")
     global_config.default_backend = backend
+
+
+def set_cache(
+    path: Any = True, *, mode: str = "use", max_size: int | str | None = None
+) -> CallCache | None:
+    """Cache every model call of every run from now on (sglrun's own; SGLang has none):
+    ``path`` is the SQLite file (a directory gets ``calls.sqlite`` in it; True: the user cache
+    directory, ``~/.cache/sglrun``), or a ``CallCache``; None or False turns it off. ``mode``:
+    ``use`` replays what is cached, ``refresh`` sends every call again and stores the new
+    answers, ``off`` turns it off. A run's ``cache=`` argument wins. Returns the cache."""
+    from sglrun.lang.call_cache import CACHE_MODES, CallCache
+
+    if mode not in CACHE_MODES:
+        raise InvalidArgumentError(f"set_cache: mode must be one of {CACHE_MODES}, not {mode!r}")
+    if path is None or path is False or mode == "off":
+        global_config.call_cache = None
+        return None
+    if isinstance(path, CallCache):
+        cache = path
+    elif path is True or isinstance(path, (str, os.PathLike)):
+        cache = CallCache.open(None if path is True else path, mode=mode, max_size=max_size)
+    else:
+        raise InvalidArgumentError(f"set_cache needs a path, True or a CallCache, not {path!r}")
+    global_config.call_cache = cache
+    return cache
 
 
 def flush_cache(backend: Any = None, empty_cache: bool = True) -> bool:

@@ -197,6 +197,14 @@ class Backend:
         ``tokenizer_path``), and which backend this is."""
         return {"backend": self.name, "model": self.get_model_name(), **self.model_info}
 
+    def cache_identity(self) -> dict[str, Any] | None:
+        """What, besides the request, decides this backend's answers, for the call cache's
+        keys: its kind and model (a ``pathlib.Path`` value stands for the file's content hash),
+        and settings that change answers. Never a secret (API keys stay out). None: the
+        answers cannot be cached (they depend on more than the request)."""
+        kind = type(self)
+        return {"backend": f"{kind.__module__}.{kind.__qualname__}", "model": self.get_model_name()}
+
     def concurrency_hint(self) -> int | None:
         """How many programs in flight keep this backend busy, when it can say (an engine's
         slots, a server's advertised limit); ``num_threads="auto"`` uses it. None: the

@@ -137,6 +137,11 @@ class SglangBackendAdapter(Backend):
         except NotImplementedError:
             return self.name
 
+    def cache_identity(self) -> dict[str, Any]:
+        """The wrapped backend's class and model: two SGLang backends never share answers."""
+        kind = type(self.inner)
+        return {"backend": f"{kind.__module__}.{kind.__qualname__}", "model": self.get_model_name()}
+
     def generate(
         self, request: GenerateRequest, on_chunk: ChunkCallback | None = None
     ) -> GenerateResult:

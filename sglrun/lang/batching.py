@@ -3,7 +3,14 @@
 Why: SGLang's ``/generate`` takes a list of texts, so a hundred programs waiting for a hundred
 short answers can share one round trip. ``Hub.gather`` parks a task with its items; ``flush``
 sends the items gathered so far as one batch once they are worth it (half the live tasks) or
-once the hub has nothing else to run, with at most ``max_in_flight`` batches out per batcher.
+once the hub has nothing else to run and no batch of that batcher is out, with at most
+``max_in_flight`` batches out per batcher.
+
+Why wait for the batch that is out: sent as soon as the hub idles, every batch only held the
+programs its predecessor had woken, and once the batches were small they stayed small
+(measured on the instant server, 10,000 rows of the reference program: 38,000 requests for
+50,000 items, ~400 rows/s, whenever the programs cost a little more CPU); held until one
+comes back, they merge again (1,100 requests, ~900 rows/s on the same run).
 """
 
 from __future__ import annotations
@@ -72,7 +79,9 @@ class Batches:
         for pending in self._pending.values():
             batcher = pending.batcher
             while pending.groups and pending.in_flight < batcher.max_in_flight:
-                if not force and pending.items < goal:
+                # Short of the goal, a batch goes only when the hub is idle and none of this
+                # batcher's is out: the one out comes back with more to send along.
+                if pending.items < goal and (not force or pending.in_flight):
                     break
                 self._send(pending, batcher.max_batch)
 

@@ -110,9 +110,16 @@ class SglFunction:
         stream: bool = False,
         backend: Backend | None = None,
         use_thread: bool = True,
+        cache: Any = None,
         **kwargs: Any,
     ) -> ProgramState:
+        """Run the program once. ``cache``: a path, True (the user cache directory), False, or
+        a ``CallCache``; None: ``sgl.set_cache``'s (a program with a parameter named
+        ``cache`` gets the value as its argument instead)."""
         from sglrun.lang.runtime import run_program
+
+        if "cache" in self.arg_names and cache is not None:
+            kwargs["cache"], cache = cache, None
 
         sampling = dict(
             max_new_tokens=max_new_tokens, n=n, stop=stop, stop_token_ids=stop_token_ids,
@@ -125,7 +132,7 @@ class SglFunction:
         check_sampling(f"{self.__name__}.run", sampling)
         arguments = self.bind_call(args, kwargs)
         defaults = SamplingParams.defaults(**sampling)
-        state = run_program(self, backend, arguments, defaults, stream=stream)
+        state = run_program(self, backend, arguments, defaults, stream=stream, cache=cache)
         error = None if stream else state.executor.body_error
         if error is not None:  # as SGLang: the program's own exception leaves run()
             raise error
@@ -158,7 +165,9 @@ class SglFunction:
         num_threads: str | int = "auto",
         progress_bar: bool = False,
         generator_style: bool = False,
+        cache: Any = None,
     ) -> list[ProgramState] | Iterator[ProgramState]:
+        """Run the program once per row. ``cache`` as in ``run``."""
         from sglrun.lang.runtime import run_program_batch
 
         if not isinstance(batch_kwargs, (list, tuple)):
@@ -201,6 +210,7 @@ class SglFunction:
             num_threads=num_threads,
             progress_bar=progress_bar,
             generator_style=generator_style,
+            cache=cache,
         )
 
     # ------------------------------------------------------------ tracing

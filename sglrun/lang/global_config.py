@@ -11,6 +11,7 @@ from sglrun.errors import BackendError
 
 if TYPE_CHECKING:
     from sglrun.lang.backend import Backend
+    from sglrun.lang.call_cache import CallCache
 
 ProgressFactory = Callable[[int, str], AbstractContextManager[Callable[[Any], None]]]
 
@@ -35,7 +36,13 @@ class GlobalConfig:
         # ``run_batch(progress_bar=True)``: (total, description) -> a context manager yielding
         # ``advance(state)``. Wired by the package (the CLI's display), never imported here.
         self.batch_progress: ProgressFactory | None = None
+        # The call cache every run uses unless it says otherwise (``sgl.set_cache``).
+        self.call_cache: CallCache | None = None
         self._lock = threading.Lock()
+
+    def in_dry_run(self) -> bool:
+        """A dry run (tracing) is running in this thread: no model call, no cache."""
+        return getattr(_dry_run, "backend", None) is not None
 
     def resolve_backend(self, backend: Backend | None) -> Backend:
         """The given backend, else the default one; with none set, the registered default

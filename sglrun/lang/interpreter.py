@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import greenlet
 
@@ -48,6 +48,9 @@ from sglrun.lang.ir import (
     SglVideo,
 )
 from sglrun.lang.sync import StateSync
+
+if TYPE_CHECKING:
+    from sglrun.lang.call_cache import CallCache
 from sglrun.lang.values import check_json, cut_note, load_image, parse_dtype, split_reasoning
 
 __all__ = ["RULES", "Executor"]
@@ -77,8 +80,10 @@ class Executor:
         concurrent: bool = False,
         num_api_spec_tokens: int | None = None,
         frame: Frame | None = None,
+        cache: CallCache | None = None,
     ) -> None:
         self.backend = backend
+        self.cache = cache  # the run's call cache (``lang/call_cache.py``), or None
         self.arguments = arguments
         self.defaults = defaults
         self.chat_template = chat_template
@@ -133,7 +138,18 @@ class Executor:
                     raise UnsupportedCapabilityError(
                         capability, backend.name, f"{hint} ({where})" if hint else where
                     )
-        if backend.cooperative and "on_chunk" not in kwargs:
+        cache = self.cache
+        if cache is not None and args:
+            return cache.call(
+                backend,
+                args[0],
+                lambda: self._send(method, args, kwargs),
+                kwargs.get("on_chunk"),
+            )
+        return self._send(method, args, kwargs)
+
+    def _send(self, method: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+        if self.backend.cooperative and "on_chunk" not in kwargs:
             return method(*args, **kwargs)
         return run_blocking(method, *args, **kwargs)
 
@@ -176,6 +192,7 @@ class Executor:
                 self.chat_template,
                 concurrent=True,
                 frame=self.frame.forked(),
+                cache=self.cache,
             )  # fmt: skip
             for _ in range(int(size))
         ]

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sglrun.lang.backend import Backend
+    from sglrun.lang.call_cache import CallCache
     from sglrun.lang.chat_template import ChatTemplate
     from sglrun.lang.function import SglFunction
 
@@ -37,6 +38,7 @@ def new_state(
     stream: bool = False,
     readers_wait: bool | None = None,
     chat_template: ChatTemplate | None = None,
+    cache: CallCache | None = None,
 ) -> ProgramState:
     """A fresh state for ``function``. ``stream``: gens stream their text into it as it
     comes. ``readers_wait`` (default: as ``stream``): readers in other threads wait while the
@@ -50,6 +52,7 @@ def new_state(
         stream=stream,
         readers_wait=readers_wait,
         num_api_spec_tokens=function.num_api_spec_tokens,
+        cache=cache,
     )
     return ProgramState(executor)
 
@@ -59,7 +62,8 @@ def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any
     executor's ``body_error``: ``run()`` raises it, as SGLang does), never raised here. Its
     forks end with it: waited for when it returns, cancelled when it fails or is cancelled."""
     executor = state.executor
-    executor.sync.owner = greenlet.getcurrent()
+    current = executor.sync.owner = greenlet.getcurrent()
+    current.call_cache = executor.cache  # a program this one runs is part of its run
     try:
         state.ret_value = function.func(state, **arguments)
     except Cancelled as cancelled:  # a time limit: record it, stop the forks, do not wait
@@ -87,15 +91,22 @@ def run_program(
     defaults: SamplingParams,
     *,
     stream: bool = False,
+    cache: Any = None,
 ) -> ProgramState:
     """One program: on the hub running the caller (a program inside a program), else on a
     hub of its own in this thread, or in a thread of its own when streaming."""
     backend = global_config.resolve_backend(backend)
-    state = new_state(function, backend, arguments, defaults, stream=stream)
+    calls = _run_cache(cache)
+    state = new_state(function, backend, arguments, defaults, stream=stream, cache=calls)
+    # A program run by another shares its run's cache, and that run counts the calls.
+    owns_cache = calls is not None and calls is not getattr(
+        greenlet.getcurrent(), "call_cache", None
+    )
+    run = _execute_counted if owns_cache else execute
     if stream:
         worker = threading.Thread(
             target=run_on_own_hub,
-            args=(execute, function, state, arguments),
+            args=(run, function, state, arguments),
             name="sglrun-stream",
             daemon=True,
         )
@@ -103,10 +114,28 @@ def run_program(
         return state
     hub = current_hub()
     if hub is not None:
-        hub.join(hub.spawn(execute, function, state, arguments))
+        hub.join(hub.spawn(run, function, state, arguments))
     else:
-        run_on_own_hub(execute, function, state, arguments)
+        run_on_own_hub(run, function, state, arguments)
     return state
+
+
+def _execute_counted(function: SglFunction, state: ProgramState, args: dict[str, Any]) -> None:
+    """``execute``, then the run's cache counts go to the cache it came from."""
+    try:
+        execute(function, state, args)
+    finally:
+        if state.executor.cache is not None:
+            state.executor.cache.finish()
+
+
+def _run_cache(cache: Any) -> CallCache | None:
+    """The run's call cache (``lang/call_cache.py``); none in a dry run."""
+    if global_config.in_dry_run():
+        return None
+    from sglrun.lang.call_cache import resolve_cache
+
+    return resolve_cache(cache, global_config.call_cache)
 
 
 def concurrency_for(num_threads: str | int, backend: Backend, rows: int) -> int:
@@ -125,8 +154,10 @@ def run_program_batch(
     num_threads: str | int = "auto",
     progress_bar: bool = False,
     generator_style: bool = False,
+    cache: Any = None,
 ) -> list[ProgramState] | Iterator[ProgramState]:
     backend = global_config.resolve_backend(backend)
+    calls = _run_cache(cache)
     if not rows:
         return iter(()) if generator_style else []
     if global_config.enable_precache_with_tracing and len(rows) > 1:
@@ -137,7 +168,7 @@ def run_program_batch(
             backend.cache_prefix(prefix)
     concurrency = concurrency_for(num_threads, backend, len(rows))
     progress = global_config.batch_progress if progress_bar else None
-    states = _run_rows(function, backend, rows, defaults, concurrency, progress)
+    states = _run_rows(function, backend, rows, defaults, concurrency, progress, calls)
     return states if generator_style else list(states)
 
 
@@ -148,11 +179,12 @@ def _run_rows(
     defaults: SamplingParams,
     concurrency: int,
     progress: Callable[[int, str], AbstractContextManager[Callable[[ProgramState], None]]] | None,
+    cache: CallCache | None = None,
 ) -> Iterator[ProgramState]:
     """Yield states in input order; the scheduler keeps ``concurrency`` programs in flight."""
 
     def one(arguments: dict[str, Any]) -> ProgramState:
-        state = new_state(function, backend, arguments, defaults)
+        state = new_state(function, backend, arguments, defaults, cache=cache)
         execute(function, state, arguments)
         return state
 
@@ -171,6 +203,8 @@ def _run_rows(
             for ready in order.push(item):
                 yield ready.result
     finally:
+        if cache is not None:
+            cache.finish()
         finished.close()
         if bar is not None:
             bar.__exit__(None, None, None)

@@ -42,6 +42,10 @@ class PlaceholderBackend(Backend):
     name = "dry run"
     cooperative = True
 
+    def cache_identity(self) -> None:
+        """Placeholders are never cached."""
+        return None
+
     def __init__(self, chat_template: ChatTemplate) -> None:
         self.template = chat_template
         self.needs: dict[str, str] = {}  # capability -> the first variable that needed it

@@ -217,6 +217,14 @@ class StubServer:
 class SGLangStub(StubServer):
     model_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+    def prompts(self) -> list[str]:
+        """The prompt of every /generate item so far (list requests unpacked)."""
+        found: list[str] = []
+        for body in self.posted("/generate"):
+            text = body.get("text") if isinstance(body, dict) else None
+            found.extend(text if isinstance(text, list) else [text])
+        return found
+
     def route(self, handler: _Handler, method: str, path: str, body: Any) -> None:
         if path == "/get_model_info" and method == "GET":
             handler.send_json(200, {"model_path": self.model_path,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import pytest
 
@@ -205,3 +206,32 @@ def test_default_backend_is_the_embedded_engine(engine):
         assert state.error() is None and state["answer"] is not None
     finally:
         sgl.global_config.default_backend = previous
+
+
+def test_call_cache_replays_exactly_what_the_engine_said(engine, tmp_path):
+    """Temperature 0, rows one at a time (no batching noise): the run with the cache, its
+    replay and a run without the cache give the same variables; the replay asks nothing."""
+
+    @sgl.function
+    def two_steps(s, city: str):
+        s += sgl.user("Name one thing " + city + " is known for, in three words.")
+        s += sgl.assistant(sgl.gen("thing", max_tokens=8))
+        s += sgl.user("Is that food?")
+        s += sgl.assistant(sgl.select("food", choices=["yes", "no"]))
+
+    rows = [{"city": city} for city in ("Paris", "Rome", "Tokyo", "Cairo")]
+    cache = sgl.CallCache.open(tmp_path / "calls.sqlite")
+    kwargs = {"backend": engine, "temperature": 0, "num_threads": 1}
+    filled = two_steps.run_batch(rows, cache=cache, **kwargs)
+    assert cache.misses == 8 and cache.hits == 0
+    replayed = two_steps.run_batch(rows, cache=cache, **kwargs)
+    assert cache.hits == 8 and cache.misses == 8
+    plain = two_steps.run_batch(rows, cache=False, **kwargs)
+    assert [s.variables() for s in filled] == [s.variables() for s in replayed]
+    assert [s.variables() for s in plain] == [s.variables() for s in filled]
+    assert all(s.get_meta_info("thing")["cached"] for s in replayed)
+    assert [s.text() for s in replayed] == [s.text() for s in plain]
+    # the model file is part of the key by its content, hashed once and remembered
+    with sqlite3.connect(cache.store.path) as conn:
+        (digest,) = conn.execute("SELECT digest FROM files").fetchone()
+    assert len(digest) == 64

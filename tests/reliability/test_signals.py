@@ -96,7 +96,7 @@ def _try(work: Path, command: str, how: str, rng: random.Random) -> tuple[int, s
         except subprocess.TimeoutExpired:
             process.kill()
             _, err = process.communicate()
-        stacks = err.decode(errors="replace")[-6000:]
+        stacks = err.decode(errors="replace")[-30000:]
         return -999, f"did not end within 120 s of the signal; its threads:\n{stacks}", delay
     return process.returncode, err.decode(errors="replace"), delay
 
