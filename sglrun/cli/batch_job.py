@@ -101,6 +101,8 @@ class BatchJob:
             self.cache = open_call_cache(
                 self.settings, default_on=True, on_warning=lambda m: say(f"sglrun: warning: {m}")
             )
+            if self.cache is not None:
+                self.cache.identity(self.backend)  # a model file is hashed once, before rows
         except BaseException:
             self.batch.finish(keep=False)
             raise

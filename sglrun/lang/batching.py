@@ -3,8 +3,8 @@
 Why: SGLang's ``/generate`` takes a list of texts, so a hundred programs waiting for a hundred
 short answers can share one round trip. ``Hub.gather`` parks a task with its items; ``flush``
 sends the items gathered so far as one batch once they are worth it (half the live tasks) or
-once the hub has nothing else to run and no batch of that batcher is out, with at most
-``max_in_flight`` batches out per batcher.
+once the hub has nothing else to run and no batch of that batcher is out (or it has been
+out ``HOLD_LIMIT``), with at most ``max_in_flight`` batches out per batcher.
 
 Why wait for the batch that is out: sent as soon as the hub idles, every batch only held the
 programs its predecessor had woken, and once the batches were small they stayed small
@@ -15,6 +15,7 @@ comes back, they merge again (1,100 requests, ~900 rows/s on the same run).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +24,9 @@ import greenlet
 if TYPE_CHECKING:
     from sglrun.lang.hub import Hub, Task
 
-__all__ = ["Batcher", "Batches", "Pending"]
+__all__ = ["HOLD_LIMIT", "Batcher", "Batches", "Pending"]
+
+HOLD_LIMIT = 0.02  # seconds a small batch may wait for its batcher's batch in flight
 
 
 class Batcher(Protocol):
@@ -41,7 +44,7 @@ class Batcher(Protocol):
 class Pending:
     """One batcher's waiting groups and its batches in flight."""
 
-    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight")
+    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight", "sent_at")
 
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
@@ -49,6 +52,7 @@ class Pending:
         self.waiters: list[tuple[Task, int]] = []
         self.items = 0
         self.in_flight = 0
+        self.sent_at = 0.0  # when its last batch went out (``time.monotonic()``)
 
 
 class Batches:
@@ -57,6 +61,9 @@ class Batches:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self._pending: dict[int, Pending] = {}
+        # When a batch held back for the one out must go anyway (None: none is held); the
+        # hub wakes then even if nothing comes back.
+        self.held_until: float | None = None
 
     def gather(self, batcher: Batcher, items: list[Any]) -> Any:
         """Queue ``items`` to go out with other tasks' items; return this group's outcome."""
@@ -76,14 +83,24 @@ class Batches:
 
     def flush(self, *, force: bool) -> None:
         goal = self._goal()
+        now = time.monotonic()
+        held: float | None = None
         for pending in self._pending.values():
             batcher = pending.batcher
             while pending.groups and pending.in_flight < batcher.max_in_flight:
-                # Short of the goal, a batch goes only when the hub is idle and none of this
-                # batcher's is out: the one out comes back with more to send along.
-                if pending.items < goal and (not force or pending.in_flight):
-                    break
+                if pending.items < goal:
+                    if not force:
+                        break
+                    # Short of the goal with the hub idle: wait a little for the batch that
+                    # is out, which comes back with more to send along; never longer than
+                    # HOLD_LIMIT, so a slow answer holds up only its own programs.
+                    due = pending.sent_at + HOLD_LIMIT
+                    if pending.in_flight and now < due:
+                        held = due if held is None else min(held, due)
+                        break
+                pending.sent_at = now
                 self._send(pending, batcher.max_batch)
+        self.held_until = held
 
     def _send(self, pending: Pending, max_batch: int) -> None:
         """Hand the oldest groups (up to ``max_batch`` items) to a worker as one batch."""

@@ -48,6 +48,7 @@ TOUCH_AFTER = 3600  # a hit refreshes its entry's last use only when older than 
 QUEUE_LIMIT = 100_000  # writes queued beyond this are dropped (the disk cannot keep up)
 COMMIT_EVERY = 0.05  # seconds the writer gathers entries before a commit (one per batch)
 COMMIT_SIZE = 512  # or this many entries, whichever comes first
+ROWS_PER_STATEMENT = 200  # entries one INSERT writes (SQLite takes up to 32,766 values)
 SIZE_CHECK_EVERY = 1000  # entries written between checks of the file against its bound
 PRUNE_TO = 0.9  # an over-size file is pruned to this share of its bound
 WAL_LIMIT = 1 << 20  # bytes the write-ahead log keeps after a checkpoint
@@ -349,17 +350,24 @@ class CacheStore:
         self, conn: sqlite3.Connection, batch: list[tuple[str, Any]], counts: dict[str, int]
     ) -> None:
         now = int(time.time())
-        puts = [(key, value, now, now) for kind, (key, value) in _items(batch, "put")]
-        touches = [(now, key) for kind, key in _items(batch, "touch")]
+        puts = [(key, value) for kind, (key, value) in _items(batch, "put")]
+        touches = [key for kind, key in _items(batch, "touch")]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if puts:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO calls (key, value, created, used) VALUES (?,?,?,?)",
-                    puts,
+            # Many rows per statement: each statement lets go of the GIL and takes it back,
+            # and a row at a time that handover (waiting on the programs' thread) cost more
+            # than the writing (measured: a filling batch ran 30% slower than an uncached one).
+            for start in range(0, len(puts), ROWS_PER_STATEMENT):
+                chunk = puts[start : start + ROWS_PER_STATEMENT]
+                values = ",".join(["(?,?,?,?)"] * len(chunk))
+                conn.execute(
+                    f"INSERT OR REPLACE INTO calls (key, value, created, used) VALUES {values}",
+                    [item for key, value in chunk for item in (key, value, now, now)],
                 )
-            if touches:
-                conn.executemany("UPDATE calls SET used=? WHERE key=?", touches)
+            for start in range(0, len(touches), ROWS_PER_STATEMENT):
+                chunk = touches[start : start + ROWS_PER_STATEMENT]
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"UPDATE calls SET used=? WHERE key IN ({marks})", [now, *chunk])
             for name, value in counts.items():
                 if value:
                     conn.execute(

@@ -20,9 +20,11 @@ hits and the tokens they saved. ``run(cache=...)``, ``run_batch(cache=...)``,
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from sglrun.errors import InvalidArgumentError
 from sglrun.lang.backend import GenerateRequest, GenerateResult, SelectRequest
 from sglrun.lang.cache_store import DEFAULT_MAX_BYTES, FILE_NAME, CacheStore, default_cache_dir
 from sglrun.lang.choices import ChoicesDecision
+from sglrun.lang.ir import SamplingParams
 
 if TYPE_CHECKING:
     from sglrun.lang.backend import Backend, ChunkCallback
@@ -50,7 +53,11 @@ __all__ = [
 ]
 
 CACHE_MODES = ("use", "refresh", "off")
-KEY_VERSION = b"sglrun-call-1"  # part of every key: a new encoding never reads an old entry
+# Part of every key, so a new encoding never reads an old entry: the sampling parameters go
+# in as their values in field order (a third of the cost of encoding them by name).
+SAMPLING_FIELDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
+KEY_VERSION = ("sglrun-call-1:" + ",".join(SAMPLING_FIELDS)).encode()
+_sampling_values = operator.attrgetter(*SAMPLING_FIELDS)
 UNCACHED_META = ("e2e_latency", "cached")  # meta that describes this call, not its answer
 
 R = TypeVar("R")
@@ -247,8 +254,9 @@ class CallCache:
         images = [(image.mime_type, image.base64_data) for image in request.images]
         if isinstance(request, GenerateRequest):
             params = request.params
-            body: tuple[Any, ...] = ("gen", request.prompt, params, request.messages,
-                                     request.role, request.role_text, images)  # fmt: skip
+            body: tuple[Any, ...] = ("gen", request.prompt, _sampling_values(params),
+                                     request.messages, request.role, request.role_text,
+                                     images)  # fmt: skip
             sampled = (params.temperature or 0.0) > 0
         else:
             method = request.choices_method

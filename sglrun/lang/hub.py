@@ -28,6 +28,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from time import perf_counter, thread_time
@@ -433,6 +434,10 @@ class Hub:
         self.batches.flush(force=True)
         if self._ready:
             return
+        held = self.batches.held_until
+        if held is not None:  # a held batch goes when its wait is over, answer or not
+            left = max(0.0, held - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
         self._take_inbox(block=True, timeout=timeout)
 
     def _run_ready(self) -> None:

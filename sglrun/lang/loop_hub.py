@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from sglrun.lang.hub import Hub, Stuck
@@ -39,6 +40,7 @@ class LoopHub(Hub):
         self.loop = loop
         self._tick_scheduled = False
         self._woken = False  # a wake from another thread is on its way
+        self._timer_set = False  # a tick is due for a held batch
 
     def _notify(self) -> None:
         if not self._tick_scheduled:
@@ -62,8 +64,17 @@ class LoopHub(Hub):
             self.batches.flush(force=False)
         if not self._ready:
             self.batches.flush(force=True)  # nothing else to run: send what is gathered
+            held = self.batches.held_until
+            if held is not None and not self._timer_set:  # it goes then, answer or not
+                self._timer_set = True
+                self.loop.call_at(self.loop.time() + max(0.0, held - time.monotonic()),
+                                  self._held_tick)  # fmt: skip
         if self._ready:
             self._notify()
+
+    def _held_tick(self) -> None:
+        self._timer_set = False
+        self._tick()
 
     def step(self, timeout: float | None = None) -> None:
         raise RuntimeError("a loop hub runs by itself; park or post instead")

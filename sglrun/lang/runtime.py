@@ -158,6 +158,8 @@ def run_program_batch(
 ) -> list[ProgramState] | Iterator[ProgramState]:
     backend = global_config.resolve_backend(backend)
     calls = _run_cache(cache)
+    if calls is not None:
+        calls.identity(backend)  # a model file is hashed here, not on the batch's thread
     if not rows:
         return iter(()) if generator_style else []
     if global_config.enable_precache_with_tracing and len(rows) > 1:

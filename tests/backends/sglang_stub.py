@@ -143,6 +143,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's backlog is 5: a client opening ~100 connections at once (a batch's
+    # programs in flight) then lost SYNs and waited out TCP's retransmission (1 s, 3 s, ...
+    # 31 s), which looked like batches stalling or hanging.
+    request_queue_size = 1024
     stub: StubServer
 
 
