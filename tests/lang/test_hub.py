@@ -99,6 +99,44 @@ def test_gather_sends_many_tasks_items_together_and_each_gets_its_own():
     hub.close()
 
 
+class SlowFirst(Recorder):
+    """A Recorder whose first batch takes ``delay`` seconds to come back."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(max_in_flight=4)
+        self.delay = delay
+        self.sent_at: list[float] = []
+
+    def send_together(self, groups):
+        self.sent_at.append(time.monotonic())
+        if len(self.sent_at) == 1:
+            time.sleep(self.delay)
+        return super().send_together(groups)
+
+
+def test_a_small_batch_waits_briefly_for_the_one_out_but_never_for_a_slow_one():
+    """While a batch is out the hub holds a small one back (it may grow), but at most
+    HOLD_LIMIT: the second task's lone item is not stuck behind a slow first answer."""
+    from sglrun.lang.batching import HOLD_LIMIT
+
+    hub = Hub(4)
+    batcher = SlowFirst(delay=1.0)
+    started = time.monotonic()
+    first = hub.spawn(hub.gather, batcher, ["slow"])
+
+    def later() -> list[str]:
+        hub.call_blocking(time.sleep, 0.05)  # arrives while the first batch is out
+        return hub.gather(batcher, ["quick"])
+
+    second = hub.spawn(later)
+    assert hub.join(second) == ["QUICK"]
+    assert time.monotonic() - started < 0.5  # not held for the slow one's second
+    assert len(batcher.sent_at) == 2
+    assert batcher.sent_at[1] - batcher.sent_at[0] >= HOLD_LIMIT
+    assert hub.join(first) == ["SLOW"]
+    hub.close()
+
+
 def test_a_failed_batch_reaches_every_task_in_it():
     hub = Hub(2)
     batcher = Recorder(fail=True)
