@@ -218,10 +218,16 @@ def test_rows_of_a_failed_list_are_resent_alone(outcome_of):
         assert set(entry.rows) <= alone_later, f"rows of list {entry.seq} not resent alone"
     hung = [e for e in log if len(set(e.rows)) > 1 and e.outcome == "hang"]
     in_hung_lists = {row for entry in hung for row in entry.rows}
-    in_failed_lists = {row for entry in failed for row in entry.rows} - in_hung_lists
-    errors = {str(record["id"]) for record in outcome.error_records}
-    rescued = in_failed_lists - errors
-    assert len(rescued) > len(in_failed_lists & errors), (len(rescued), len(errors))
+    # Most rows of a failed list get through when resent alone (the resend meets the same
+    # fault rates, 20% non-JSON and 10% hang: about 70% do). Counted at the server, per
+    # resend: whether the row fails later, in another list that hangs, is chance, and with
+    # few large lists (coalescing that merges well) that chance swings too much to compare.
+    resent_ok, resent_failed = set(), set()
+    for entry in failed:
+        for row in set(entry.rows) - in_hung_lists:
+            alone = [e for e in log if e.seq > entry.seq and set(e.rows) == {row}]
+            (resent_ok if any(e.outcome == "ok" for e in alone) else resent_failed).add(row)
+    assert len(resent_ok) > len(resent_failed), (len(resent_ok), len(resent_failed))
     for entry in hung:
         again = [e for e in log if e.seq > entry.seq and set(e.rows) & set(entry.rows)]
         assert not again, f"rows of the timed-out list {entry.seq} were sent again"
