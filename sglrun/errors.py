@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BatchJobError",
     "ConfigError",
     "InputError",
     "InvalidArgumentError",
@@ -96,6 +97,11 @@ class TransportError(BackendError):
     def __init__(self, message: str, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+
+
+class BatchJobError(BackendError):
+    """A provider batch job gave a call no answer: the call's own error, or a job that failed
+    or ended without it after the retries."""
 
 
 class ServerError(BackendError):

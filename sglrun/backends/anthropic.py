@@ -14,7 +14,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from sglrun.backends.common import TokenUsage, match_choice
+from sglrun.backends.common import TokenUsage, batch_options, match_choice
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.errors import InvalidArgumentError, TransportError, UnsupportedCapabilityError
 from sglrun.lang.backend import (
@@ -25,6 +25,7 @@ from sglrun.lang.backend import (
     SelectRequest,
 )
 from sglrun.lang.choices import ChoicesDecision
+from sglrun.lang.hub import map_concurrently
 from sglrun.lang.ir import SamplingParams
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class Anthropic(Backend):
         timeout: Any = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
         verify: bool | str | None = None,
+        batch: bool = False,
+        batch_jobs: str | None = None,
+        batch_poll: float | None = None,
     ) -> None:
         key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not key:
@@ -71,6 +75,14 @@ class Anthropic(Backend):
         )
         self.token_usage = TokenUsage()
         self._warned: set[str] = set()
+        self.batch = bool(batch)
+        if self.batch:  # Message Batches at half the price: see batch_api
+            from sglrun.backends.batch_api import batch_transport
+            from sglrun.backends.batch_providers import AnthropicBatchAPI
+
+            api = AnthropicBatchAPI(self.transport)
+            paths = ["/v1/messages"]
+            self.transport = batch_transport(self.transport, api, paths, batch_jobs, batch_poll)  # type: ignore[assignment]  # same surface
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> Anthropic:
@@ -80,6 +92,7 @@ class Anthropic(Backend):
         if urls:
             extra["base_url"] = urls if len(urls) > 1 else urls[0]
         assert options.model is not None  # the registry entry says needs_model
+        extra.update(batch_options(options))
         return cls(options.model, api_key=options.api_key, verify=options.verify, **extra)
 
     def __repr__(self) -> str:
@@ -97,13 +110,18 @@ class Anthropic(Backend):
         return self.model_name
 
     #: The Messages API has no grammar, schema, logprobs, several samples or stop tokens.
-    capabilities = frozenset({"images", "select", "prefill"})
+    capabilities = frozenset({"images", "select", "prefill", "n"})  # n: asked n times at once
 
     def capability_hint(self, capability: str) -> str:
         return f"the Messages API has no {capability.replace('_', ' ')}"
 
     def concurrency_hint(self) -> int:
-        """16 programs in flight: the API's rate limits bind long before its capacity."""
+        """16 programs in flight: the API's rate limits bind long before its capacity. In batch
+        mode, enough for every row to join one batch."""
+        if self.batch:
+            from sglrun.backends.batch_api import BATCH_IN_FLIGHT
+
+            return BATCH_IN_FLIGHT
         return 16
 
     def get_chat_template(self) -> Any:
@@ -219,8 +237,9 @@ class Anthropic(Backend):
         self, request: GenerateRequest, on_chunk: ChunkCallback | None = None
     ) -> GenerateResult:
         n = request.params.n or 1
-        if n > 1:  # the API has no n: ask n times
-            results = [self.generate(_with_n1(request)) for _ in range(n)]
+        if n > 1:  # the API has no n: ask n times, at once (one batch round in batch mode)
+            single = _with_n1(request)
+            results = map_concurrently(lambda _: self.generate(single), list(range(n)))
             meta = dict(results[0].meta_info)
             meta["completion_tokens"] = sum(
                 r.meta_info.get("completion_tokens") or 0 for r in results
@@ -229,8 +248,14 @@ class Anthropic(Backend):
             return GenerateResult([str(r.text) for r in results], meta)
         body = self._params(request.params)
         cut = self._messages(request, body)
-        if on_chunk is not None:
+        if on_chunk is not None and not self.batch:
             return self._stream(body, cut, on_chunk)
+        result = self._generated(body, cut)
+        if on_chunk is not None and isinstance(result.text, str) and result.text:
+            on_chunk(result.text)  # batch mode: the whole answer as one chunk
+        return result
+
+    def _generated(self, body: dict[str, Any], cut: str) -> GenerateResult:
         answer = self.transport.request("POST", "/v1/messages", body)
         if not isinstance(answer, dict) or not isinstance(answer.get("content"), list):
             raise TransportError("/v1/messages answered without content")

@@ -19,7 +19,7 @@ from typing import Any
 from sglrun.errors import InvalidArgumentError
 from sglrun.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SamplingParams
 
-__all__ = ["TokenUsage", "apply_dtype", "match_choice"]
+__all__ = ["TokenUsage", "apply_dtype", "batch_options", "match_choice"]
 
 
 @dataclasses.dataclass
@@ -43,6 +43,13 @@ class TokenUsage:
 
 
 _DTYPE_REGEX = {"int": REGEX_INT, "float": REGEX_FLOAT, "str": REGEX_STR, "bool": REGEX_BOOL}
+
+
+def batch_options(options: Any) -> dict[str, Any]:
+    """The batch-API keywords a command line gave (``BackendOptions.extra``), if any."""
+    extra = getattr(options, "extra", None) or {}
+    keys = ("batch", "batch_jobs", "batch_poll")
+    return {key: extra[key] for key in keys if extra.get(key) is not None}
 
 
 def apply_dtype(params: SamplingParams) -> SamplingParams:

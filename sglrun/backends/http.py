@@ -221,9 +221,11 @@ class HTTPTransport:
         *,
         timeout: Any = None,
         headers: Mapping[str, str] | None = None,
+        raw: bool = False,
     ) -> Any:
-        """Send a request and return the parsed JSON answer (or its text if not JSON)."""
-        return run_async(lambda: self._request(method, path, body, timeout, headers))
+        """Send a request and return the parsed JSON answer (or its text if not JSON; its
+        bytes with ``raw``). A ``bytes`` body goes as it is, with the caller's Content-Type."""
+        return run_async(lambda: self._request(method, path, body, timeout, headers, raw))
 
     async def _request(
         self,
@@ -232,9 +234,12 @@ class HTTPTransport:
         body: Any,
         timeout: Any,
         headers: Mapping[str, str] | None,
+        raw: bool = False,
     ) -> Any:
         answer, endpoint = await self._send(method, path, body, timeout, headers, stream=False)
         data = answer.data
+        if raw:
+            return data
         if not data:
             return None
         if "json" in answer.content_type or data[:1] in (b"{", b"["):
@@ -341,10 +346,13 @@ class HTTPTransport:
         *,
         stream: bool,
     ) -> tuple[_Answer, Any]:
-        payload = orjson.dumps(body) if body is not None else None
         hdrs = dict(self._headers)
-        if payload is not None:
-            hdrs["Content-Type"] = "application/json"
+        if isinstance(body, bytes):
+            payload: bytes | None = body
+        else:
+            payload = orjson.dumps(body) if body is not None else None
+            if payload is not None:
+                hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
         limits = Timeout.of(timeout) if timeout is not None else self.timeout
         session = await self._client()

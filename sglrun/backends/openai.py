@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sglrun.backends.common import TokenUsage, apply_dtype, match_choice
+from sglrun.backends.common import TokenUsage, apply_dtype, batch_options, match_choice
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.backends.openai_dialects import (
     DIALECTS,
@@ -96,6 +96,9 @@ class OpenAI(Backend):
         verify: bool | str | None = None,
         constraint_dialect: str = "auto",
         select_strategy: str = "auto",
+        batch: bool = False,
+        batch_jobs: str | None = None,
+        batch_poll: float | None = None,
     ) -> None:
         if constraint_dialect not in (*DIALECTS, "auto"):
             raise InvalidArgumentError(
@@ -136,6 +139,14 @@ class OpenAI(Backend):
         self._slots: int | None = None  # a llama.cpp server's slots, from /props
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self.batch = bool(batch)
+        if self.batch:  # the Batch API at half the price: see batch_api
+            from sglrun.backends.batch_api import batch_transport
+            from sglrun.backends.batch_providers import OpenAIBatchAPI
+
+            paths = [f"{self.api_prefix}/chat/completions", f"{self.api_prefix}/completions"]
+            api = OpenAIBatchAPI(self.transport, self.api_prefix)
+            self.transport = batch_transport(self.transport, api, paths, batch_jobs, batch_poll)  # type: ignore[assignment]  # same surface
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> OpenAI:
@@ -144,6 +155,7 @@ class OpenAI(Backend):
         urls = list(options.urls)
         base_url = (urls if len(urls) > 1 else urls[0]) if urls else None
         assert options.model is not None  # the registry entry says needs_model
+        extra.update(batch_options(options))
         return cls(options.model, base_url=base_url, api_key=options.api_key,
                    verify=options.verify, **extra)  # fmt: skip
 
@@ -240,7 +252,12 @@ class OpenAI(Backend):
 
     def concurrency_hint(self) -> int:
         """A llama.cpp server: two programs per slot it reports; any other server: 32 (a
-        hosted API's rate limit, not its capacity, is what usually binds)."""
+        hosted API's rate limit, not its capacity, is what usually binds). In batch mode,
+        enough for every row to join one job."""
+        if self.batch:
+            from sglrun.backends.batch_api import BATCH_IN_FLIGHT
+
+            return BATCH_IN_FLIGHT
         if self.dialect == "llamacpp" and self._slots is None:
             try:
                 props = self.transport.request("GET", "/props")
@@ -394,8 +411,16 @@ class OpenAI(Backend):
     ) -> GenerateResult:
         chat, body = self._request_body(request)
         prefill = request.role_text if chat and request.role_text.strip() else ""
-        if on_chunk is not None and (request.params.n or 1) == 1:
+        if on_chunk is not None and (request.params.n or 1) == 1 and not self.batch:
             return self._stream(chat, body, prefill, on_chunk)
+        result = self._generated(request, chat, body, prefill)
+        if on_chunk is not None and isinstance(result.text, str) and result.text:
+            on_chunk(result.text)  # batch mode: the whole answer as one chunk
+        return result
+
+    def _generated(
+        self, request: GenerateRequest, chat: bool, body: dict[str, Any], prefill: str
+    ) -> GenerateResult:
         answer = self._post(chat, body)
         texts, metas = [], []
         for choice in sorted(answer["choices"], key=lambda c: c.get("index", 0)):
@@ -475,6 +500,8 @@ class OpenAI(Backend):
         # Scoring each choice's exact tokens honours choices_method; greedy decoding under a
         # choice constraint can be led astray by a likely first character ("L" of London).
         scorable = not chat or speaks.scoring == "tokens"
+        if self.batch and strategy in ("auto", "logprobs"):
+            strategy = "constrained"  # scoring needs live tokenizer calls
         if strategy == "auto" or (strategy == "logprobs" and not scorable):
             strategy = "logprobs" if scorable else "constrained"
         if strategy == "constrained" and not speaks.choice_constraint:

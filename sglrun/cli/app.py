@@ -40,10 +40,14 @@ from sglrun.cli.common import (
 from sglrun.cli.options import (
     ApiKeyEnvOpt,
     BackendOpt,
+    BatchApiOpt,
+    BatchPollOpt,
+    BatchStatusOpt,
     CacheModeOpt,
     CacheOpt,
     ConfigOpt,
     CtxSizeOpt,
+    DetachOpt,
     EngineThreadsOpt,
     FunctionOpt,
     InsecureOpt,
@@ -294,6 +298,10 @@ def batch(
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
     cache_mode: CacheModeOpt = None,
+    batch_api: BatchApiOpt = False,
+    detach: DetachOpt = False,
+    status: BatchStatusOpt = False,
+    batch_poll: BatchPollOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     quiet: QuietOpt = False,
@@ -304,6 +312,7 @@ def batch(
     setup_logging(verbose)
     from sglrun.batch.render import check_kind, output_kind
     from sglrun.batch.runner import INCLUDE_FIELDS
+    from sglrun.cli.batch_api_cmd import BatchApiFlags, show_status
     from sglrun.cli.batch_job import BatchJob
     from sglrun.cli.loader import check_mapping, load_program
 
@@ -344,6 +353,11 @@ def batch(
         fn = load_program(program, function)
         check_mapping(fn, mapping)
         out = output if output is not None else default_output(input_path)
+        batch_flags = BatchApiFlags(batch_api, detach, status, batch_poll)
+        batch_flags.check(backend_name, out)
+        if status:
+            show_status(settings, backend_name, out, shared.insecure)
+        resume = resume or batch_flags.continues(out)
         rendered = output_kind(out) if out != "-" else None
         if not dry_run:
             check_output(out, input_path)
@@ -361,6 +375,7 @@ def batch(
             delimiter=delimiter_flag(delimiter), input_columns=input_columns,
             json_values=json_values,
             rendered=(output, rendered) if rendered is not None and output else None,
+            batch_api=batch_flags if batch_api else None,
         )  # fmt: skip
         if dry_run:
             from sglrun.cli.batch_job import dry_run_batch

@@ -71,6 +71,7 @@ class BatchJob:
     rendered: tuple[str, str] | None = None  # (output, kind) rendered from the journal ``out``
     json_values: bool = False
     cache: Any = None  # the run's CallCache (``prepare`` opens it), or None
+    batch_api: Any = None  # BatchApiFlags of ``--batch-api``, or None
 
     def prepare(self) -> None:
         """Open the input and output and build the backend; raises SglrunError (exit 2)."""
@@ -91,8 +92,9 @@ class BatchJob:
                 say(f"sglrun: removed {self.batch.removed} {what} records from {self.out} to "
                      "run them again")  # fmt: skip
             self._check_header()
+            extra = self.batch_api.backend_extra(self.out) if self.batch_api else None
             self.backend = build_backend(
-                self.settings, self.backend_name, insecure=self.shared.insecure
+                self.settings, self.backend_name, insecure=self.shared.insecure, extra=extra
             )
             self.threads = auto_threads(self.settings, self.backend_name, self.backend)
             self._check_capabilities()
@@ -103,6 +105,11 @@ class BatchJob:
             )
             if self.cache is not None:
                 self.cache.identity(self.backend)  # a model file is hashed once, before rows
+            elif self.batch_api:
+                raise InputError(
+                    "--batch-api needs the call cache: it keeps the answers between rounds "
+                    "and runs (drop --no-cache or --cache-mode off)"
+                )
         except BaseException:
             self.batch.finish(keep=False)
             raise
@@ -183,9 +190,19 @@ class BatchJob:
             stream=claimed.data if claimed is not None else None,
         )  # fmt: skip
         stop, finished = threading.Event(), threading.Event()
+        wave = None
+        if self.batch_api:
+            from sglrun.cli.batch_api_cmd import wavefront
+
+            wave = wavefront(self.backend)
+            wave.detach = self.batch_api.detach
+            wave.on_detach = stop.set
+            wave.on_progress = lambda m: display.note(f"sglrun: {m}")
 
         def announce() -> None:
-            if stop.wait() and not finished.is_set() and not self.shared.quiet:
+            stopped = stop.wait()
+            detached = wave is not None and wave.detached
+            if stopped and not finished.is_set() and not self.shared.quiet and not detached:
                 display.note(
                     "sglrun: stopping: finishing the rows in flight "
                     "(press Ctrl-C again to stop at once)"
@@ -209,7 +226,7 @@ class BatchJob:
                     row_timeout=self.timeout, max_failures=self.max_failures,
                     on_row=self.log.row if self.log is not None else None,
                     input_columns=self.input_columns, json_values=self.json_values,
-                    cache=self.cache,
+                    cache=self.cache, grace=1.0 if wave is not None else 5.0,
                 )  # fmt: skip
                 display.update(stats)  # the final numbers, unthrottled
         except BaseException:
@@ -237,6 +254,14 @@ class BatchJob:
         from sglrun.cli.cache_cmd import cache_summary
 
         display.summary(stats, _retries(self.backend), cache_summary(self.cache))
+        if wave is not None:
+            from sglrun.cli.batch_api_cmd import detached_exit, summary_line
+
+            line = summary_line(self.backend)
+            if line and not self.shared.quiet:
+                say(line)
+            if wave.detached:
+                detached_exit(self.backend, PROCESS.standalone)
         self._exit(stats, label)
 
     def _exit(self, stats: Any, label: str) -> NoReturn:

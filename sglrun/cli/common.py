@@ -45,6 +45,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_DETACHED = 75  # EX_TEMPFAIL: batch jobs still running, run the same command again
 EXIT_CLOSED_PIPE = 141  # as a shell reports a process ended by SIGPIPE (`| head`)
 
 INVOCATION: list[str] = []  # the arguments of this invocation, for the --resume hint

@@ -7,6 +7,7 @@ the CLI prints it as-is and exits 2 before any row runs. Backends are imported o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -335,9 +336,15 @@ def describe_engine(settings: Settings) -> str:
     )
 
 
-def build_backend(settings: Settings, name: str, *, insecure: bool = False) -> Backend:
+def build_backend(
+    settings: Settings,
+    name: str,
+    *,
+    insecure: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Backend:
     """The backend the settings name, by the registry (imported only now: the local one
-    loads a model)."""
+    loads a model); ``extra`` goes to the backend as ``BackendOptions.extra``."""
     from sglrun.lang.registry import backend_entry
 
     entry = backend_entry(name)
@@ -349,7 +356,10 @@ def build_backend(settings: Settings, name: str, *, insecure: bool = False) -> B
             "(or name another variable with --api-key-env)"
         )
     try:
-        backend = entry.factory(backend_options(settings, insecure=insecure))
+        options = backend_options(settings, insecure=insecure)
+        if extra:
+            options = dataclasses.replace(options, extra={**options.extra, **extra})
+        backend = entry.factory(options)
     except ImportError as exc:
         raise InputError(f"the {name} backend is not available: {exc}") from None
     pool = getattr(getattr(backend, "transport", None), "pool", None)

@@ -104,6 +104,31 @@ CacheOpt = Annotated[
 NoCacheOpt = Annotated[
     bool, typer.Option("--no-cache", help="Neither read nor write the call cache.")
 ]
+BatchApiOpt = Annotated[
+    bool,
+    typer.Option(
+        "--batch-api",
+        help="Run over the provider's batch API (openai, anthropic): half the price, "
+        "answers within 24 h; each round of calls is one job.",
+    ),
+]
+DetachOpt = Annotated[
+    bool,
+    typer.Option(
+        "--detach", help="--batch-api: submit the next round and exit 75; run again to go on."
+    ),
+]
+BatchStatusOpt = Annotated[
+    bool, typer.Option("--status", help="--batch-api: show the run's jobs and exit.")
+]
+BatchPollOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--batch-poll",
+        metavar="SECONDS",
+        help="--batch-api: first wait between status checks; it doubles up to 60 [2].",
+    ),
+]
 CacheModeOpt = Annotated[
     Optional[str],
     typer.Option(

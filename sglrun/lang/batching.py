@@ -4,7 +4,9 @@ Why: SGLang's ``/generate`` takes a list of texts, so a hundred programs waiting
 short answers can share one round trip. ``Hub.gather`` parks a task with its items; ``flush``
 sends the items gathered so far as one batch once they are worth it (half the live tasks) or
 once the hub has nothing else to run and no batch of that batcher is out (or it has been
-out ``HOLD_LIMIT``), with at most ``max_in_flight`` batches out per batcher.
+out ``HOLD_LIMIT``), with at most ``max_in_flight`` batches out per batcher. A batcher with a
+``settle`` time (a provider's batch API) sends only once the hub is idle and nothing new has
+been gathered for that long: every live program waits for its next call.
 
 Why wait for the batch that is out: sent as soon as the hub idles, every batch only held the
 programs its predecessor had woken, and once the batches were small they stayed small
@@ -44,7 +46,8 @@ class Batcher(Protocol):
 class Pending:
     """One batcher's waiting groups and its batches in flight."""
 
-    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight", "sent_at")
+    __slots__ = ("batcher", "groups", "waiters", "items", "in_flight", "sent_at", "added_at",
+                 "settle")  # fmt: skip
 
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
@@ -53,6 +56,8 @@ class Pending:
         self.items = 0
         self.in_flight = 0
         self.sent_at = 0.0  # when its last batch went out (``time.monotonic()``)
+        self.added_at = 0.0  # when its last group was gathered
+        self.settle: float = getattr(batcher, "settle", 0.0)
 
 
 class Batches:
@@ -74,6 +79,8 @@ class Batches:
         pending.groups.append(items)
         pending.waiters.append((task, task.token))
         pending.items += len(items)
+        if pending.settle:
+            pending.added_at = time.monotonic()
         return self.hub.park()
 
     def _goal(self) -> int:
@@ -88,7 +95,13 @@ class Batches:
         for pending in self._pending.values():
             batcher = pending.batcher
             while pending.groups and pending.in_flight < batcher.max_in_flight:
-                if pending.items < goal:
+                if pending.settle:
+                    due = pending.added_at + pending.settle
+                    if not force or now < due:
+                        if force:
+                            held = due if held is None else min(held, due)
+                        break
+                elif pending.items < goal:
                     if not force:
                         break
                     # Short of the goal with the hub idle: wait a little for the batch that
