@@ -199,6 +199,8 @@ class Wavefront:
         self.submitted = 0  # jobs created by this process
         self.requests = 0  # requests in them
         self._closed = threading.Event()
+        self._last_report: tuple[int, int] | None = None
+        self._first_seen: tuple[float, int] | None = None  # (when, requests done) first seen
 
     def close(self) -> None:
         self._closed.set()
@@ -293,30 +295,40 @@ class Wavefront:
         """Poll every job until it has ended, the interval doubling up to ``POLL_MAX``."""
         statuses: dict[str, JobStatus] = {}
         delay = self.poll
-        first = True
         while True:
             for job_id in job_ids:
                 if job_id not in statuses or not statuses[job_id].ended:
                     statuses[job_id] = status = self.api.status(job_id)
                     self.jobs.update(job_id, status)
-            open_jobs = [j for j in job_ids if not statuses[j].ended]
-            if not open_jobs:
+            if all(statuses[j].ended for j in job_ids):
                 return statuses
-            if first:
-                self._report(statuses)
+            self._report(statuses)
             if self.detach:
                 self._leave()
-            first = False
             if self._closed.wait(delay):
                 raise BatchJobError("the backend was shut down while its batch jobs ran")
             delay = min(delay * 2, POLL_MAX)
-            self._report(statuses)
 
     def _report(self, statuses: dict[str, JobStatus]) -> None:
+        """A line when the counts moved: jobs running, requests done, and an ETA from the rate
+        since this process began waiting."""
         total = sum(s.total for s in statuses.values())
         done = sum(s.done + s.failed for s in statuses.values())
         running = sum(1 for s in statuses.values() if not s.ended)
-        self._say(f"batch jobs: {running} of {len(statuses)} running, {done:,}/{total:,} requests")
+        if (running, done) == self._last_report:
+            return
+        self._last_report = (running, done)
+        now = time.monotonic()
+        if self._first_seen is None or done < self._first_seen[1]:
+            self._first_seen = (now, done)
+        eta = ""
+        began, done_then = self._first_seen
+        if done > done_then and total > done:
+            left = (total - done) * (now - began) / (done - done_then)
+            eta = f", about {_duration(left)} left"
+        self._say(
+            f"batch jobs: {running} of {len(statuses)} running, {done:,}/{total:,} requests{eta}"
+        )
 
     def _leave(self) -> None:
         """``detach``: the jobs are recorded; end the run and never wait here."""
@@ -329,6 +341,14 @@ class Wavefront:
     def _say(self, message: str) -> None:
         if self.on_progress is not None:
             self.on_progress(message)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _fresh(answer: Any) -> Any:

@@ -123,6 +123,8 @@ class BatchJob:
                 self.batch.finish(keep=False)
                 raise
         timeout = self.row_timeout if self.row_timeout is not None else self.settings.row_timeout
+        if self.batch_api and self.row_timeout is None:
+            timeout = 0  # a row waits for its jobs, up to the providers' 24 h each round
         self.timeout = timeout if timeout else None  # 0: no time limit
 
     def _render(self, output: str, kind: str) -> None:

@@ -206,7 +206,14 @@ class Task(greenlet.greenlet):  # type: ignore[misc]  # greenlet has no stubs
 
 class _Workers:
     """Daemon worker threads, started as work arrives and ended when idle: an abandoned job
-    (a hung request after an interrupt) can never keep the process from exiting."""
+    (a hung request after an interrupt) can never keep the process from exiting.
+
+    Counts: ``_idle`` workers wait for work that no job has claimed yet; ``_backlog`` jobs
+    wait for a worker (all ``limit`` were busy). A worker that finishes takes a backlogged job
+    before it counts itself idle: counted the other way round, each backlogged job left one
+    idle worker too many on the books, the workers then ended on their idle timeout while
+    the books still showed them idle, and a later job was queued for a worker that did not
+    exist (500 programs asking at once hung the next batch for good)."""
 
     def __init__(self, limit: int, name: str) -> None:
         self.limit = max(1, limit)
@@ -215,6 +222,7 @@ class _Workers:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        self._backlog = 0
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
@@ -224,7 +232,8 @@ class _Workers:
             elif self._threads < self.limit:
                 self._threads += 1
                 start = True
-            # else every worker is busy: the job waits for the first one free
+            else:
+                self._backlog += 1  # every worker is busy: the first one free takes it
         self._jobs.put(job)
         if start:
             threading.Thread(target=self._work, name=self.name, daemon=True).start()
@@ -244,9 +253,15 @@ class _Workers:
                 with self._lock:
                     self._threads -= 1
                 return
-            job()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001, S110 - jobs report their own errors
+                pass  # an interruption landing after its job: the worker lives on
             with self._lock:
-                self._idle += 1
+                if self._backlog > 0:
+                    self._backlog -= 1  # it takes a waiting job next: not idle
+                else:
+                    self._idle += 1
 
     def close(self) -> None:
         with self._lock:

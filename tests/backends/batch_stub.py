@@ -34,7 +34,27 @@ from typing import Any
 
 from sglang_stub import StubServer
 
-__all__ = ["AnthropicBatchStub", "OpenAIBatchStub", "answer_text"]
+__all__ = ["THREE_STEPS", "AnthropicBatchStub", "OpenAIBatchStub", "answer_text"]
+
+# The tests' program: an answer, a select on it, then a gen in one of two branches: 3 rounds.
+THREE_STEPS = """
+import sglrun as sgl
+
+
+@sgl.function
+def three(s, question: str):
+    s += sgl.system("You are terse.")
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("answer", max_tokens=16))
+    s += sgl.user("Is it positive?")
+    s += sgl.assistant(sgl.select("positive", choices=["yes", "no"]))
+    if s["positive"] == "yes":
+        s += sgl.user("Why?")
+        s += sgl.assistant(sgl.gen("why", max_tokens=16))
+    else:
+        s += sgl.user("Why not?")
+        s += sgl.assistant(sgl.gen("why_not", max_tokens=16))
+"""
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -137,6 +157,14 @@ class OpenAIBatchStub(StubServer):
 
     def _chat(self, body: dict[str, Any]) -> dict[str, Any]:
         n = int(body.get("n") or 1)
+        if body.get("response_format"):  # a schema: the answer as {"name": ...}
+            text = json.dumps({"name": answer_text(body["messages"])})
+            message = {"role": "assistant", "content": text}
+            return {
+                "id": "chatcmpl-stub",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            }
         choices = [
             {
                 "index": i,

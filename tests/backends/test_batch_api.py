@@ -10,25 +10,14 @@ import json
 import os
 
 import pytest
-from batch_stub import AnthropicBatchStub, OpenAIBatchStub, answer_text
+from batch_stub import THREE_STEPS, AnthropicBatchStub, OpenAIBatchStub, answer_text
 
 import sglrun as sgl
 from sglrun.backends.batch_providers import OpenAIBatchAPI
 
-
-@sgl.function
-def three_steps(s, question):
-    s += sgl.system("You are terse.")
-    s += sgl.user(question)
-    s += sgl.assistant(sgl.gen("answer", max_tokens=16))
-    s += sgl.user("Is it positive?")
-    s += sgl.assistant(sgl.select("positive", choices=["yes", "no"]))
-    if s["positive"] == "yes":
-        s += sgl.user("Why?")
-        s += sgl.assistant(sgl.gen("why", max_tokens=16))
-    else:
-        s += sgl.user("Why not?")
-        s += sgl.assistant(sgl.gen("why_not", max_tokens=16))
+_namespace: dict = {}
+exec(THREE_STEPS, _namespace)  # the program the CLI tests run from a file
+three_steps = _namespace["three"]
 
 
 def rows(count: int, marks: dict[int, str] | None = None) -> list[dict[str, str]]:
@@ -230,4 +219,30 @@ def test_anthropic_rounds_errors_and_n(anthropic_stub, tmp_path):
     assert state["picks"] == ["answer to Pick", "answer to Pick"]
     assert len(anthropic_stub.batches.jobs) == before + 1  # both samples in one round
     assert os.path.exists(tmp_path / "a.json")
+    backend.shutdown()
+
+
+def test_forks_join_the_round_and_a_schema_goes_as_response_format(stub, tmp_path):
+    schema = '{"type": "object", "properties": {"name": {"type": "string"}}}'
+
+    @sgl.function
+    def branches(s, topic):
+        s += sgl.user(f"About {topic}")
+        forks = s.fork(3)
+        for index, fork in enumerate(forks):
+            fork += sgl.assistant(sgl.gen("idea", max_tokens=8, temperature=0.5 + index / 10))
+        forks.join()
+        s += sgl.user("Name it")
+        s += sgl.assistant(sgl.gen("name", max_tokens=16, json_schema=schema))
+
+    backend = openai(stub, tmp_path)
+    states = branches.run_batch([{"topic": f"t{i}"} for i in range(5)], backend=backend)
+    for state in states:
+        assert state.error() is None
+        assert json.loads(state["name"]) == {"name": "answer to Name it"}
+    first, second = stub.batches.jobs
+    assert len(first["requests"]) == 15  # 5 rows x 3 forks: one round
+    assert len(second["requests"]) == 5
+    formats = [r["body"]["response_format"]["type"] for r in second["requests"]]
+    assert formats == ["json_schema"] * 5
     backend.shutdown()

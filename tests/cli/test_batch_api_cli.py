@@ -15,32 +15,14 @@ import pytest
 from .conftest import SGLRUN, clean_env, read_jsonl, write_jsonl, write_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
-from batch_stub import AnthropicBatchStub, OpenAIBatchStub  # noqa: E402
+from batch_stub import THREE_STEPS, AnthropicBatchStub, OpenAIBatchStub  # noqa: E402
 
-PROGRAM = """
-import sglrun as sgl
-
-
-@sgl.function
-def three(s, question: str):
-    s += sgl.system("You are terse.")
-    s += sgl.user(question)
-    s += sgl.assistant(sgl.gen("answer", max_tokens=16))
-    s += sgl.user("Is it positive?")
-    s += sgl.assistant(sgl.select("positive", choices=["yes", "no"]))
-    if s["positive"] == "yes":
-        s += sgl.user("Why?")
-        s += sgl.assistant(sgl.gen("why", max_tokens=16))
-    else:
-        s += sgl.user("Why not?")
-        s += sgl.assistant(sgl.gen("why_not", max_tokens=16))
-"""
 ROWS = 500
 
 
 @pytest.fixture
 def job(tmp_path):
-    write_program(tmp_path, PROGRAM)
+    write_program(tmp_path, THREE_STEPS)
     rows = [{"id": f"r{i}", "question": f"Question {i}?"} for i in range(ROWS)]
     rows[9]["question"] = "Question 9 PERMANENT?"
     write_jsonl(tmp_path / "in.jsonl", rows)

@@ -273,3 +273,23 @@ def test_programs_that_block_the_hub_move_to_threads(caplog):
     on_threads = [s for s in states if "sglrun-row" in s.text()]
     assert on_threads, "no row left the hub"
     assert any("blocked" in record.getMessage() for record in caplog.records)
+
+
+def test_workers_stay_counted_right_after_a_backlog_and_an_idle_timeout(monkeypatch):
+    """More jobs than workers at once, then the workers end idle: a later job still runs
+    (the books once showed phantom idle workers, and such a job waited forever)."""
+    from sglrun.lang import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "WORKER_IDLE", 0.05)
+    workers = hub_module._Workers(2, "test-workers")
+    done = threading.Semaphore(0)
+    for _ in range(10):  # 8 of them wait for one of the 2 workers
+        workers.submit(lambda: (time.sleep(0.01), done.release()))
+    for _ in range(10):
+        assert done.acquire(timeout=5)
+    deadline = time.monotonic() + 5
+    while workers._threads and time.monotonic() < deadline:
+        time.sleep(0.02)  # both end on their idle timeout
+    assert workers._threads == 0 and workers._idle == 0
+    workers.submit(done.release)
+    assert done.acquire(timeout=5)
