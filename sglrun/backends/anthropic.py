@@ -3,8 +3,9 @@
 The system turn becomes the top-level ``system``; the open assistant turn, when it has text,
 is sent as a prefilled assistant message that the model continues. Streaming reads the SSE
 events (message_start, content_block_delta/text_delta, message_delta, message_stop).
-The API has no regex, JSON schema or log-probabilities: those raise
-``UnsupportedCapabilityError``; ``select`` generates and matches the text to a choice.
+The API has no regex or log-probabilities: those raise ``UnsupportedCapabilityError``;
+``select`` generates and matches the text to a choice. A ``json_schema`` goes as the one tool
+the model must call (``tool_choice``), and the tool call's input is the JSON text.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from sglrun.backends.common import TokenUsage, batch_options, match_choice
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
@@ -36,6 +39,7 @@ __all__ = ["Anthropic"]
 logger = logging.getLogger(__name__)
 
 API_VERSION = "2023-06-01"
+JSON_TOOL = "json_output"  # the tool a json_schema becomes
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+);base64,(?P<data>.*)$", re.DOTALL)
 
 
@@ -109,8 +113,9 @@ class Anthropic(Backend):
     def get_model_name(self) -> str:
         return self.model_name
 
-    #: The Messages API has no grammar, schema, logprobs, several samples or stop tokens.
-    capabilities = frozenset({"images", "select", "prefill", "n"})  # n: asked n times at once
+    #: The Messages API has no grammar, logprobs or stop tokens; ``n`` is asked n times at
+    #: once, and a schema is a forced tool call.
+    capabilities = frozenset({"images", "select", "prefill", "n", "json_schema"})
 
     def capability_hint(self, capability: str) -> str:
         return f"the Messages API has no {capability.replace('_', ' ')}"
@@ -143,7 +148,7 @@ class Anthropic(Backend):
         )
 
     def _params(self, params: SamplingParams) -> dict[str, Any]:
-        for capability in ("regex", "json_schema", "dtype"):
+        for capability in ("regex", "dtype"):
             if getattr(params, capability) is not None:
                 raise self._unsupported(capability)
         if params.stop_regex:
@@ -158,6 +163,14 @@ class Anthropic(Backend):
         }
         if params.stop:
             body["stop_sequences"] = list(params.stop)
+        if params.json_schema is not None:
+            try:
+                schema = orjson.loads(params.json_schema)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
+            body["tools"] = [{"name": JSON_TOOL, "description": "Give the answer as this JSON.",
+                              "input_schema": schema}]  # fmt: skip
+            body["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
         # Newer models refuse temperature and top_p together: top_p goes only when it is set
         # (< 1), and then the default temperature (1.0) stays out.
         nucleus = params.top_p is not None and params.top_p < 1.0
@@ -248,7 +261,7 @@ class Anthropic(Backend):
             return GenerateResult([str(r.text) for r in results], meta)
         body = self._params(request.params)
         cut = self._messages(request, body)
-        if on_chunk is not None and not self.batch:
+        if on_chunk is not None and not self.batch and "tools" not in body:
             return self._stream(body, cut, on_chunk)
         result = self._generated(body, cut)
         if on_chunk is not None and isinstance(result.text, str) and result.text:
@@ -259,9 +272,7 @@ class Anthropic(Backend):
         answer = self.transport.request("POST", "/v1/messages", body)
         if not isinstance(answer, dict) or not isinstance(answer.get("content"), list):
             raise TransportError("/v1/messages answered without content")
-        text = "".join(
-            block.get("text", "") for block in answer["content"] if block.get("type") == "text"
-        )
+        text = "".join(_block_text(block) for block in answer["content"])
         usage = answer.get("usage") or {}
         self.token_usage.add(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
         return GenerateResult(
@@ -344,6 +355,15 @@ class Anthropic(Backend):
 
 
 # -------------------------------------------------------------------- helpers
+def _block_text(block: dict[str, Any]) -> str:
+    """A text block's text; the JSON tool's call is its input as JSON text."""
+    if block.get("type") == "text":
+        return str(block.get("text", ""))
+    if block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+        return orjson.dumps(block.get("input")).decode()
+    return ""
+
+
 def _with_n1(request: GenerateRequest) -> GenerateRequest:
     import dataclasses
 

@@ -280,6 +280,22 @@ class AnthropicBatchStub(StubServer):
 
     @staticmethod
     def _message(params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("tool_choice"):  # a schema: the forced tool's call holds the answer
+            tool = params["tool_choice"]["name"]
+            call = {
+                "type": "tool_use",
+                "id": "toolu_stub",
+                "name": tool,
+                "input": {"name": answer_text(params["messages"])},
+            }
+            return {
+                "id": "msg_stub",
+                "type": "message",
+                "role": "assistant",
+                "content": [call],
+                "stop_reason": "tool_use",
+                "usage": {"input_tokens": 9, "output_tokens": 4},
+            }
         return {
             "id": "msg_stub",
             "type": "message",

@@ -147,7 +147,6 @@ def test_error_event_in_stream(stub, claude):
 
 @pytest.mark.parametrize("params, capability", [
     ({"regex": "[0-9]+"}, "regex"),
-    ({"json_schema": "{}"}, "json_schema"),
     ({"dtype": int}, "dtype"),
     ({"stop_regex": ["x"]}, "stop_regex"),
     ({"return_logprob": True}, "return_logprob"),

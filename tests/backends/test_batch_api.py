@@ -20,6 +20,9 @@ exec(THREE_STEPS, _namespace)  # the program the CLI tests run from a file
 three_steps = _namespace["three"]
 
 
+SCHEMA = '{"type": "object", "properties": {"name": {"type": "string"}}}'
+
+
 def rows(count: int, marks: dict[int, str] | None = None) -> list[dict[str, str]]:
     marks = marks or {}
     return [{"question": f"Question {i}{marks.get(i, '')}?"} for i in range(count)]
@@ -218,6 +221,17 @@ def test_anthropic_rounds_errors_and_n(anthropic_stub, tmp_path):
     state = twice.run_batch([{}], backend=backend)[0]
     assert state["picks"] == ["answer to Pick", "answer to Pick"]
     assert len(anthropic_stub.batches.jobs) == before + 1  # both samples in one round
+
+    @sgl.function
+    def shaped(s):
+        s += sgl.user("Name it")
+        s += sgl.assistant(sgl.gen("name", max_tokens=32, json_schema=SCHEMA))
+
+    state = shaped.run_batch([{}], backend=backend)[0]
+    assert json.loads(state["name"]) == {"name": "answer to Name it"}
+    params = anthropic_stub.batches.jobs[-1]["requests"][0]["params"]
+    assert params["tools"][0]["input_schema"] == json.loads(SCHEMA)
+    assert params["tool_choice"] == {"type": "tool", "name": params["tools"][0]["name"]}
     assert os.path.exists(tmp_path / "a.json")
     backend.shutdown()
 

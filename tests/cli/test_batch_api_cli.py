@@ -187,3 +187,18 @@ def test_usage_errors_are_one_line(job, args, message):
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_broken_jobs_file_is_one_line_and_loses_nothing(job, stub):
+    stub.batches.hold = True
+    assert run(job, stub.url, "--detach").returncode == 75
+    before = (job / "out.jsonl").read_bytes()
+    jobs_file = job / "out.jsonl.sglrun-batches.json"
+    jobs_file.write_text("{not json")
+    done = run(job, stub.url)
+    assert done.returncode == 2, done.stderr
+    assert "out.jsonl.sglrun-batches.json" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert jobs_file.read_text() == "{not json"
+    assert (job / "out.jsonl").read_bytes() == before
+    assert len(stub.batches.jobs) == 1

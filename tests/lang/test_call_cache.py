@@ -303,7 +303,9 @@ def test_the_file_is_bounded_least_recently_used_first(tmp_path):
     store.flush()
     stats = store.stats()
     assert stats.entries < 6000  # pruned on the way
-    assert store.path.stat().st_size < 800_000 * 1.3  # freed pages go back to the disk
+    # Freed pages go back to the disk. The size is checked every 1,000 entries written, so up
+    # to ~1,500 entries (~375 KB here) may follow the last prune; unpruned, the file is ~1.5 MB.
+    assert store.path.stat().st_size < 800_000 * 1.4
     newest = (5999).to_bytes(16, "little")
     assert store.get_many([newest]) == {newest: b"v" * 200}
     assert store.get_many([(0).to_bytes(16, "little")]) == {}
