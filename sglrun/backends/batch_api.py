@@ -9,9 +9,10 @@ the jobs are polled with backoff, and each program resumes with its answer and r
 next call: a program needs as many rounds as its longest chain of calls.
 
 Each job's id and the calls in it (``custom_id``: a hash of the request, numbered when the
-same request comes twice in one round) are written to the run's jobs file as soon as the job
-exists, so a process that stops re-attaches to the jobs still running instead of paying for
-the calls again; answered calls land in the call cache, which replays them on the rerun.
+same sampled request comes twice in one round; a greedy one goes once) are written to the
+run's jobs file as soon as the job exists, so a process that stops re-attaches to the jobs
+still running instead of paying for the calls again; answered calls land in the call cache,
+which replays them on the rerun.
 """
 
 from __future__ import annotations
@@ -208,12 +209,17 @@ class Wavefront:
     def send_together(self, groups: Sequence[list[Call]]) -> list[Any]:
         calls = [group[0] for group in groups]
         seen: dict[str, int] = {}
-        for call in calls:  # the same request twice in a round: two samples, two ids
+        unique: dict[str, Call] = {}
+        for call in calls:
             base = call.digest()
-            seen[base] = seen.get(base, -1) + 1
-            call.custom_id = f"{base}-{seen[base]}"
+            if call.body.get("temperature") == 0:  # greedy: one answer, asked (and paid) once
+                call.custom_id = f"{base}-0"
+            else:  # the same sampled request twice in a round: two samples, two ids
+                seen[base] = seen.get(base, -1) + 1
+                call.custom_id = f"{base}-{seen[base]}"
+            unique.setdefault(call.custom_id, call)
         answers: dict[str, Any] = {}
-        todo, attach = calls, True
+        todo, attach = list(unique.values()), True
         for round_number in range(ROUNDS):
             results = self._round(todo, attach=attach)
             retry = []

@@ -149,7 +149,7 @@ def test_a_new_process_reattaches_to_a_job_still_running(stub, tmp_path):
     second.shutdown()
 
 
-def test_sampled_duplicates_get_their_own_ids_and_n_is_one_request(stub, tmp_path):
+def test_sampled_duplicates_get_their_own_ids_and_greedy_ones_go_once(stub, tmp_path):
     @sgl.function
     def sample(s):
         s += sgl.user("Say something")
@@ -164,6 +164,15 @@ def test_sampled_duplicates_get_their_own_ids_and_n_is_one_request(stub, tmp_pat
     (job,) = stub.batches.jobs
     ids = [request["custom_id"] for request in job["requests"]]
     assert len(ids) == 4 and len(set(ids)) == 4
+
+    @sgl.function
+    def greedy(s):
+        s += sgl.user("Say one thing")
+        s += sgl.assistant(sgl.gen("one", max_tokens=8, temperature=0))
+
+    states = greedy.run_batch([{}] * 6, backend=backend)
+    assert [state["one"] for state in states] == ["answer to Say one thing"] * 6
+    assert len(stub.batches.jobs[-1]["requests"]) == 1  # asked and paid once
     backend.shutdown()
 
 
