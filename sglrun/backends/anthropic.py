@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sglrun.backends.common import TokenUsage, batch_options, match_choice
+from sglrun.backends.common import TokenUsage, batch_options, match_choice, parse_json_schema
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.errors import InvalidArgumentError, TransportError, UnsupportedCapabilityError
 from sglrun.lang.backend import (
@@ -164,10 +164,7 @@ class Anthropic(Backend):
         if params.stop:
             body["stop_sequences"] = list(params.stop)
         if params.json_schema is not None:
-            try:
-                schema = orjson.loads(params.json_schema)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
+            schema = parse_json_schema(params.json_schema)
             body["tools"] = [{"name": JSON_TOOL, "description": "Give the answer as this JSON.",
                               "input_schema": schema}]  # fmt: skip
             body["tool_choice"] = {"type": "tool", "name": JSON_TOOL}

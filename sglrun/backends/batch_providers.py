@@ -28,9 +28,7 @@ __all__ = ["AnthropicBatchAPI", "OpenAIBatchAPI"]
 _RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-def _lines(data: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(data, str):
-        data = data.encode()
+def _lines(data: bytes | None) -> Iterator[dict[str, Any]]:
     for raw in (data or b"").splitlines():
         if raw.strip():
             try:

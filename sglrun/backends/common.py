@@ -16,10 +16,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from sglrun.errors import InvalidArgumentError
 from sglrun.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SamplingParams
 
-__all__ = ["TokenUsage", "apply_dtype", "batch_options", "match_choice"]
+__all__ = ["TokenUsage", "apply_dtype", "batch_options", "match_choice", "parse_json_schema"]
 
 
 @dataclasses.dataclass
@@ -43,6 +45,17 @@ class TokenUsage:
 
 
 _DTYPE_REGEX = {"int": REGEX_INT, "float": REGEX_FLOAT, "str": REGEX_STR, "bool": REGEX_BOOL}
+
+
+def parse_json_schema(schema: Any) -> Any:
+    """A ``json_schema`` parameter as a value (it arrives as JSON text); bad JSON is the
+    caller's mistake, said in one line."""
+    if not isinstance(schema, (str, bytes)):
+        return schema
+    try:
+        return orjson.loads(schema)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
 
 
 def batch_options(options: Any) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sglrun.backends.common import parse_json_schema
 from sglrun.backends.grammar import (
     LLGUIDANCE_PREFIX,
     PROBE_MARK,
@@ -486,12 +487,7 @@ class LlamaCpp(Backend):
             grammar = regex_grammar(regex, llguidance=self._llguidance)
             body["grammar"] = self._checked(grammar, f"regex {regex!r}")
         elif p.json_schema is not None:
-            schema = p.json_schema
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except ValueError as exc:
-                    raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
+            schema = parse_json_schema(p.json_schema)
             if not isinstance(schema, (dict, bool)):
                 raise InvalidArgumentError("json_schema must be a JSON object")
             if global_config.strict_json_schema:

@@ -19,9 +19,13 @@ import threading
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from sglrun.backends.common import TokenUsage, apply_dtype, batch_options, match_choice
+from sglrun.backends.common import (
+    TokenUsage,
+    apply_dtype,
+    batch_options,
+    match_choice,
+    parse_json_schema,
+)
 from sglrun.backends.http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from sglrun.backends.openai_dialects import (
     DIALECTS,
@@ -333,10 +337,7 @@ class OpenAI(Backend):
         if params.regex is not None:
             body.update(self.speaks.regex(params.regex))
         if params.json_schema is not None:
-            try:
-                schema = orjson.loads(params.json_schema)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from None
+            schema = parse_json_schema(params.json_schema)
             if chat:
                 title = schema.get("title") if isinstance(schema, dict) else None
                 body["response_format"] = {
