@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from sglrun.cli.common import EXIT_DETACHED, EXIT_OK, one_line, say
+from sglrun.cli.common import (
+    EXIT_CLOSED_PIPE,
+    EXIT_DETACHED,
+    EXIT_OK,
+    one_line,
+    say,
+    silence_stdout,
+)
 from sglrun.errors import InputError, SglrunError
 
 if TYPE_CHECKING:
@@ -69,19 +76,8 @@ def wavefront(backend: Any) -> Any:
     return backend.transport.wave
 
 
-def show_status(settings: Settings, backend_name: str, output: str, insecure: bool) -> NoReturn:
-    """``--status``: one line per job of the run, as the provider reports it now."""
-    from sglrun.cli.loader import build_backend
-
-    path = jobs_path(output)
-    if not os.path.exists(path):
-        say(f"sglrun: {output}: no batch jobs yet ({path} does not exist)")
-        raise typer.Exit(EXIT_OK)
-    flags = BatchApiFlags(enabled=True)
-    backend = build_backend(
-        settings, backend_name, insecure=insecure, extra=flags.backend_extra(output)
-    )
-    wave = wavefront(backend)
+def _print_jobs(wave: Any) -> int:
+    """One line per job on stdout, as the provider reports it now; returns how many run."""
     running = 0
     for job in wave.jobs.jobs:
         created = datetime.datetime.fromtimestamp(job["created"]).isoformat(timespec="seconds")
@@ -95,6 +91,28 @@ def show_status(settings: Settings, backend_name: str, output: str, insecure: bo
         counts = f"{status.done + status.failed:,}/{status.total or len(job['calls']):,} done"
         failed = f", {status.failed:,} failed" if status.failed else ""
         typer.echo(f"{job['id']}\t{status.state}\t{counts}{failed}\tcreated {created}")
+    return running
+
+
+def show_status(settings: Settings, backend_name: str, output: str, insecure: bool) -> NoReturn:
+    """``--status``: one line per job of the run."""
+    from sglrun.cli.loader import build_backend
+
+    path = jobs_path(output)
+    if not os.path.exists(path):
+        say(f"sglrun: {output}: no batch jobs yet ({path} does not exist)")
+        raise typer.Exit(EXIT_OK)
+    flags = BatchApiFlags(enabled=True)
+    backend = build_backend(
+        settings, backend_name, insecure=insecure, extra=flags.backend_extra(output)
+    )
+    wave = wavefront(backend)
+    try:
+        running = _print_jobs(wave)
+    except BrokenPipeError:  # `| head`: not worth a word, as in a batch
+        backend.shutdown()
+        silence_stdout()
+        raise typer.Exit(EXIT_CLOSED_PIPE) from None
     say(f"sglrun: {len(wave.jobs.jobs)} batch jobs, {running} still running")
     backend.shutdown()
     raise typer.Exit(EXIT_OK)

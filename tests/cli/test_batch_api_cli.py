@@ -202,3 +202,31 @@ def test_a_broken_jobs_file_is_one_line_and_loses_nothing(job, stub):
     assert jobs_file.read_text() == "{not json"
     assert (job / "out.jsonl").read_bytes() == before
     assert len(stub.batches.jobs) == 1
+
+
+def test_status_into_a_closed_pipe_exits_141_quietly(job, stub):
+    jobs = [
+        {
+            "id": f"b{i}",
+            "path": "/v1/chat/completions",
+            "created": 0,
+            "calls": ["x"],
+            "state": "submitted",
+        }
+        for i in range(3000)
+    ]
+    (job / "out.jsonl.sglrun-batches.json").write_text(
+        json.dumps({"version": 1, "provider": "openai", "jobs": jobs})
+    )
+    line = " ".join(command(stub.url, "--status"))
+    done = subprocess.run(
+        ["bash", "-c", f"{line} | head -1; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        cwd=job,
+        timeout=120,
+        env=clean_env(job, OPENAI_API_KEY="sk-test-secret"),
+    )
+    assert done.returncode == 141, done.stderr
+    assert done.stdout.startswith("b0\t")
+    assert "Traceback" not in done.stderr
