@@ -1,4 +1,4 @@
-"""The layers: ``cli -> batch -> compat -> backends -> lang -> errors``; no module imports
+"""The layers: ``cli -> ray -> batch -> compat -> backends -> lang -> errors``; no module imports
 upward.
 
 Every import in every module counts, the ones inside functions too (a lazy import is still a
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sglrun"
-LAYERS = {"errors": 0, "lang": 1, "backends": 2, "compat": 3, "batch": 4, "cli": 5}
+LAYERS = {"errors": 0, "lang": 1, "backends": 2, "compat": 3, "batch": 4, "ray": 4.5, "cli": 5}
 
 
 def layer_of(module: str) -> int | None:

@@ -30,6 +30,7 @@ __all__ = [
     "manifest_path",
     "program_fingerprint",
     "read_manifest",
+    "write_json_atomically",
     "write_manifest",
 ]
 
@@ -75,9 +76,14 @@ def read_manifest(output: str) -> dict[str, Any] | None:
 
 def write_manifest(output: str, info: dict[str, Any]) -> None:
     """Replace the manifest atomically (a temporary file beside it, flushed, renamed)."""
-    path = manifest_path(output)
+    write_json_atomically(manifest_path(output), {"kind": KIND, **info})
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    """Replace ``path`` with ``value`` as JSON: a kill at any moment leaves the old file or
+    the new one, never half of one. InputError names the file when it cannot be written."""
     temp = path + ".tmp"
-    data = json.dumps({"kind": KIND, **info}, indent=2).encode() + b"\n"
+    data = json.dumps(value, indent=2).encode() + b"\n"
     try:
         with open(temp, "wb") as handle:
             handle.write(data)

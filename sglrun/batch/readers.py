@@ -104,9 +104,12 @@ def _parse_json_line(text: str) -> tuple[Any, str]:
         return None, f"not valid JSON ({exc})"
 
 
-def _jsonl_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, str]]:
-    """(line number, object or None, error) for every non-blank line."""
-    for number, raw in enumerate(lines, start=1):
+def _jsonl_records(
+    lines: Iterable[bytes], name: str, start_line: int = 1
+) -> Iterator[tuple[int, Any, str]]:
+    """(line number, object or None, error) for every non-blank line; ``start_line`` numbers
+    the first line (a block of a bigger file)."""
+    for number, raw in enumerate(lines, start=start_line):
         if number == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if not raw.strip():
@@ -226,8 +229,15 @@ class RowSource:
         path: str | None,
         handle: IO[Any] | None,
         delimiter: str | None = None,
+        *,
+        start_line: int = 1,
+        id_scope: str | None = None,
+        records: Iterable[tuple[int, Any, str]] | None = None,
     ) -> None:
         self.name = name
+        self.start_line = start_line
+        self.id_scope = id_scope  # ids without --id-field: "<scope>#<line>" (several files)
+        self._records = records
         self.format = fmt
         self.delimiter = delimiter or DELIMITERS.get(fmt, ",")
         self.id_field = id_field
@@ -247,9 +257,11 @@ class RowSource:
         opened_size = _size(handle) if self.path is not None else None
         delimiter = self.delimiter
 
-        def parse(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any, str]]:
+        def parse(lines: Iterable[bytes], name: str) -> Iterable[tuple[int, Any, str]]:
+            if self._records is not None:  # already parsed (Parquet)
+                return self._records
             if self.format == "jsonl":
-                return _jsonl_records(lines, name)
+                return _jsonl_records(lines, name, self.start_line)
             return _csv_records(lines, name, delimiter)
 
         seen: dict[int, int] = {}  # hash of each declared id -> its line (--id-field)
@@ -299,7 +311,15 @@ class RowSource:
 
     def _fallback_id(self, index: int, line: int) -> str:
         """Row number without --id-field; with it, a row lacking an id is named by its line
-        (a declared id equal to it is then a repeat, so none is ever shared)."""
+        (a declared id equal to it is then a repeat, so none is ever shared). With an
+        ``id_scope`` (rows of several files), the file's name and the line: stable across
+        reruns however the files are split into blocks."""
+        if self.id_scope is not None:
+            return (
+                f"{self.id_scope}#{line}"
+                if self.id_field is None
+                else (f"{self.id_scope}#line-{line}")
+            )
         return str(index) if self.id_field is None else f"line-{line}"
 
     def count_rows(self) -> int | None:

@@ -24,7 +24,16 @@ import orjson
 
 from sglrun.errors import InputError
 
-__all__ = ["RENDERED", "UNWRITTEN", "check_kind", "journal_path", "output_kind", "render"]
+__all__ = [
+    "RENDERED",
+    "UNWRITTEN",
+    "check_kind",
+    "journal_path",
+    "output_kind",
+    "records_table",
+    "render",
+    "write_parquet",
+]
 
 #: Output suffix -> kind; anything else is written as JSON Lines directly.
 RENDERED = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl.gz": "jsonl.gz"}
@@ -64,7 +73,13 @@ def _cell(value: Any) -> Any:
 
 
 def _table(journal: str, input_columns: list[str]) -> tuple[list[str], list[list[Any]]]:
-    records = list(_records(journal))  # one read: the table is built in memory anyway
+    return records_table(list(_records(journal)), input_columns)  # built in memory anyway
+
+
+def records_table(
+    records: list[dict[str, Any]], input_columns: list[str]
+) -> tuple[list[str], list[list[Any]]]:
+    """The header and the rows of the table the records make (see the module docstring)."""
     names: dict[str, None] = {}
     for record in records:
         for name in record.get("vars") or {}:
@@ -110,14 +125,20 @@ def render(journal: str, output: str, kind: str, input_columns: list[str]) -> No
 
 def _parquet(journal: str, target: str, input_columns: list[str]) -> None:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow  # noqa: F401
     except ImportError:
         raise InputError(
             "Parquet output needs pyarrow: pip install 'sglrun[parquet]' (the records are "
             f"kept in {journal})"
         ) from None
-    header, rows = _table(journal, input_columns)
+    write_parquet(*_table(journal, input_columns), target)
+
+
+def write_parquet(header: list[str], rows: list[list[Any]], target: str) -> None:
+    """A Parquet file of the table; a column of mixed types is kept as text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
     arrays = {}
     for name, values in columns.items():

@@ -20,14 +20,21 @@ import orjson
 
 from sglrun.errors import InputError, InvalidArgumentError
 
-__all__ = ["OrderedEmitter", "RecordWriter", "check_writable", "make_record", "to_jsonable"]
+__all__ = [
+    "OrderedEmitter",
+    "RecordWriter",
+    "check_writable",
+    "encode_record",
+    "make_record",
+    "to_jsonable",
+]
 
 Record = dict[str, Any]
 
 _ORJSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
-def _encode(record: Record) -> bytes:
+def encode_record(record: Record) -> bytes:
     """One JSON line; the stdlib handles what orjson refuses (integers beyond 64 bits, a lone
     surrogate from a broken input): escaped to ASCII, so the line is always valid UTF-8."""
     try:
@@ -59,7 +66,7 @@ class RecordWriter:
 
     def write(self, record: Record) -> None:
         """Write and flush one record (thread-safe: lines never interleave)."""
-        line = _encode(record)
+        line = encode_record(record)
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
@@ -193,7 +200,7 @@ class OrderedEmitter:
             elif record is None:
                 self._pending[index] = None
             else:
-                size = len(_encode(record))
+                size = len(encode_record(record))
                 self._pending[index] = (record, size)
                 self.held_bytes += size
             while self._next in self._pending:

@@ -20,9 +20,9 @@ from sglrun.cli.batch_flags import (
     check_output,
     default_output,
     delimiter_flag,
+    parse_include,
     parse_map,
     rendered_output,
-    split_list,
 )
 from sglrun.cli.cache_cmd import cache_app
 from sglrun.cli.common import (
@@ -57,6 +57,7 @@ from sglrun.cli.options import (
     ProfileOpt,
     ProgramArg,
     QuietOpt,
+    RayOpt,
     ReproducibleOpt,
     SharedFlags,
     SlotsOpt,
@@ -67,7 +68,7 @@ from sglrun.cli.options import (
     TopPOpt,
     UrlOpt,
     VerboseOpt,
-    bare_cache_flag,
+    bare_flags,
 )
 from sglrun.cli.run_once import run_once
 from sglrun.errors import InputError
@@ -89,7 +90,7 @@ class _OneLineErrors(TyperGroup):
     ) -> Any:
         from typer._click.exceptions import ClickException  # typer's own copy of click
 
-        args = bare_cache_flag(list(sys.argv[1:] if args is None else args))
+        args = bare_flags(list(sys.argv[1:] if args is None else args))
         INVOCATION[:] = args
         try:
             result = super().main(
@@ -178,8 +179,13 @@ Exit codes: 0 every row ok, 1 some rows failed, 2 usage or input error, 130 inte
 def batch(
     ctx: typer.Context,
     program: ProgramArg,
-    input_path: Annotated[
-        str, typer.Argument(metavar="INPUT", help=".jsonl, .csv or .tsv (maybe .gz), or -.")
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT...",
+            help=".jsonl, .csv or .tsv (maybe .gz), or -; with --ray also .parquet, globs, "
+            "directories and s3:// or gs:// paths.",
+        ),
     ],
     output: Annotated[
         Optional[str],
@@ -188,7 +194,7 @@ def batch(
             "--output",
             metavar="OUTPUT",
             help="A .jsonl, .jsonl.gz, .csv, .tsv or .parquet file, or - for stdout "
-            "[default: <input stem>.out.jsonl, or stdout].",
+            "[default: <input stem>.out.jsonl, or stdout]; with --ray, a directory.",
         ),
     ] = None,  # fmt: skip
     function: FunctionOpt = None,
@@ -273,7 +279,12 @@ def batch(
     ] = None,
     input_format: Annotated[
         Optional[str],
-        typer.Option("--format", metavar="jsonl|csv|tsv", help="Input format [from the suffix]."),
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="Input format jsonl|csv|tsv [from the suffix]; with --ray, the parts' "
+            "format jsonl|parquet [jsonl].",
+        ),
     ] = None,
     delimiter: Annotated[
         Optional[str],
@@ -302,6 +313,7 @@ def batch(
     detach: DetachOpt = False,
     status: BatchStatusOpt = False,
     batch_poll: BatchPollOpt = None,
+    ray: RayOpt = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     quiet: QuietOpt = False,
@@ -311,29 +323,12 @@ def batch(
     shared = SharedFlags.from_params(ctx.params)
     setup_logging(verbose)
     from sglrun.batch.render import check_kind, output_kind
-    from sglrun.batch.runner import INCLUDE_FIELDS
     from sglrun.cli.batch_api_cmd import BatchApiFlags, show_status
     from sglrun.cli.batch_job import BatchJob
     from sglrun.cli.loader import check_mapping, load_program
 
     with usage_errors():
-        input_columns: tuple[str, ...] | None = None
-        plain = []
-        for value in include or []:  # input:COL1,COL2 takes the rest of its value
-            if value.strip().startswith("input:"):
-                input_columns = tuple(split_list([value.strip()[len("input:") :]]))
-                if not input_columns:
-                    raise InputError("--include input: names no column (input:COL1,COL2)")
-                plain.append("input")
-            else:
-                plain.append(value)
-        fields = set(split_list(plain))
-        unknown = sorted(fields - set(INCLUDE_FIELDS))
-        if unknown:
-            raise InputError(
-                f"--include: unknown field(s) {', '.join(unknown)}; "
-                f"choose from {','.join(INCLUDE_FIELDS)}"
-            )
+        fields, input_columns = parse_include(include)
         counts: tuple[tuple[str, int | None], ...] = (
             ("--window", window),
             ("--limit", limit),
@@ -352,6 +347,13 @@ def batch(
         settings, backend_name = shared.settings()
         fn = load_program(program, function)
         check_mapping(fn, mapping)
+        if ray is not None:
+            from sglrun.cli.ray_cmd import ray_batch
+
+            ray_batch(ctx.params, fn, shared, settings, backend_name, fields, input_columns)
+        if len(inputs) > 1:
+            raise InputError(f"{len(inputs)} inputs: a local run reads one (or add --ray)")
+        input_path = inputs[0]
         out = output if output is not None else default_output(input_path)
         batch_flags = BatchApiFlags(batch_api, detach, status, batch_poll)
         batch_flags.check(backend_name, out)

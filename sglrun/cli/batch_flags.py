@@ -72,3 +72,27 @@ def delimiter_flag(text: str | None) -> str | None:
     if len(chosen) != 1:
         raise InputError(f"--delimiter must be one character (or \\t), got {text!r}")
     return chosen
+
+
+def parse_include(values: list[str] | None) -> tuple[set[str], tuple[str, ...] | None]:
+    """``--include``: the fields, and the columns of ``input:COL1,COL2`` (None: all)."""
+    from sglrun.batch.runner import INCLUDE_FIELDS
+
+    input_columns: tuple[str, ...] | None = None
+    plain = []
+    for value in values or []:  # input:COL1,COL2 takes the rest of its value
+        if value.strip().startswith("input:"):
+            input_columns = tuple(split_list([value.strip()[len("input:") :]]))
+            if not input_columns:
+                raise InputError("--include input: names no column (input:COL1,COL2)")
+            plain.append("input")
+        else:
+            plain.append(value)
+    fields = set(split_list(plain))
+    unknown = sorted(fields - set(INCLUDE_FIELDS))
+    if unknown:
+        raise InputError(
+            f"--include: unknown field(s) {', '.join(unknown)}; "
+            f"choose from {','.join(INCLUDE_FIELDS)}"
+        )
+    return fields, input_columns

@@ -45,6 +45,7 @@ KEYS = (
     "cache",
     "cache_mode",
     "cache_max_size",
+    "ray",
     "default_profile",
 )
 #: Old names still read (files, ``SGLRUN_*``, flags): ``num_threads`` meant rows in parallel.
@@ -89,6 +90,9 @@ class Settings:
     cache: bool | str | None = None
     cache_mode: str = "use"
     cache_max_size: int | None = None
+    # ``--ray``: {address, workers: (min, max), cpus_per_worker, gpus_per_worker,
+    # rows_per_block, num_cpus}, checked by ``_ray``.
+    ray: dict[str, Any] | None = None
     default_profile: str | None = None
     profile: str | None = None
     files: list[str] = field(default_factory=list)
@@ -230,6 +234,50 @@ def _size(value: Any) -> int:
         raise _Bad("a size like 500MB or 2GB, or a number of bytes") from None
 
 
+_RAY_PARTS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "rows_per_batch",
+              "num_cpus")  # fmt: skip
+
+
+def _workers(value: Any) -> tuple[int, int]:
+    """``4``, ``"2..8"`` or ``[2, 8]``: the actor pool's size, fixed or autoscaled."""
+    if _is_int(value) and value >= 1:
+        return value, value
+    parts = value.split("..") if isinstance(value, str) else value
+    if isinstance(parts, (list, tuple)) and len(parts) == 2:
+        try:
+            low, high = (int(str(part).strip()) for part in parts)
+        except ValueError:
+            low = high = 0
+        if 1 <= low <= high:
+            return low, high
+    raise _Bad('an integer >= 1 or a range "MIN..MAX"')
+
+
+def _ray(value: Any) -> dict[str, Any]:
+    if isinstance(value, str) and value.strip():
+        return {"address": value.strip()}
+    if not isinstance(value, Mapping):
+        raise _Bad("an address or a mapping of " + ", ".join(_RAY_PARTS))
+    section: dict[str, Any] = {}
+    for part, item in value.items():
+        if part not in _RAY_PARTS:
+            raise _Bad("a mapping of " + ", ".join(_RAY_PARTS) + f" (not {part!r})")
+        if part == "address":
+            section["address"] = _string(item)
+        elif part == "workers":
+            section["workers"] = _workers(item)
+        elif part in ("cpus_per_worker", "gpus_per_worker"):
+            least = 0 if part == "gpus_per_worker" else 0.01
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or item < least:
+                raise _Bad(f"{part} as a number >= {least}")
+            section[part] = float(item)
+        else:
+            if not _is_int(item) or item < 1:
+                raise _Bad(f"{part} as an integer >= 1")
+            section["rows_per_block" if part == "rows_per_batch" else part] = item
+    return section
+
+
 def _threads(value: Any) -> int | str:
     if value == "auto" or (_is_int(value) and value >= 1):
         return value
@@ -258,6 +306,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "cache": _cache,
     "cache_mode": _cache_mode,
     "cache_max_size": _size,
+    "ray": _ray,
     "default_profile": _string,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -157,6 +158,15 @@ VerboseOpt = Annotated[
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="Do not verify TLS certificates of server backends.")
 ]
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        metavar="[auto|local|ADDRESS]",
+        help="Run on a Ray cluster (pip install 'sglrun[ray]'): local starts one here, auto "
+        "joins the running one; -o is then a directory of part files [ray.address, else local].",
+    ),
+]
 ProgramArg = Annotated[
     str, typer.Argument(metavar="PROGRAM", help="Python file with a @sglrun.function.")
 ]
@@ -207,13 +217,24 @@ class SharedFlags:
         return resolve_settings(flags, config_file=self.config, profile=self.profile)
 
 
-def bare_cache_flag(args: list[str]) -> list[str]:
-    """``--cache`` with no path (last, or before another flag) as ``--cache=``: typer's click
-    has no optional option values. A path follows as ``--cache PATH`` or ``--cache=PATH``;
-    a program's own arguments after ``--`` are left alone."""
+def bare_flags(args: list[str]) -> list[str]:
+    """``--cache`` or ``--ray`` with no value as ``--cache=`` / ``--ray=``: typer's click has
+    no optional option values. A cache path follows as ``--cache PATH`` (anything not a
+    flag); a Ray address as ``--ray auto``, ``--ray local`` or ``--ray HOST:PORT`` (a word
+    with ``:``), so ``--ray data.jsonl`` leaves the input alone. A program's own arguments
+    after ``--`` are left alone."""
     out = list(args)
     end = out.index("--") if "--" in out else len(out)
     for index in range(end):
-        if out[index] == "--cache" and (index + 1 >= end or out[index + 1].startswith("-")):
+        following = out[index + 1] if index + 1 < end else None
+        if out[index] == "--cache" and (following is None or following.startswith("-")):
             out[index] = "--cache="
+        elif out[index] == "--ray" and not _ray_address(following):
+            out[index] = "--ray="
     return out
+
+
+def _ray_address(word: str | None) -> bool:
+    if word is None or word.startswith("-"):
+        return False
+    return word in ("auto", "local") or (":" in word and not os.path.exists(word))
