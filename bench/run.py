@@ -13,7 +13,7 @@ hang hides the others; the long RSS part runs last and sizes itself to the time 
 7. latency-bound batches (``bench/latency.py``); 8. the engine's tokens/s (``bench/engine.py``);
 9. regex-constrained decoding against unconstrained, p50/p99 (``bench/constrained.py``);
 10. the call cache: a fully cached rerun against the uncached run, and bytes per entry
-    (``bench/cache.py``);
+    (``bench/cache.py``); 11. ``--ray local`` against local mode (``bench/ray_scale.py``);
 6. ``sglrun --help`` and ``import sglrun`` start-up time.
 """
 
@@ -76,6 +76,9 @@ LABELS = {
     "cache_floor": "(10) floor: sglrun batch, {n} rows, in-process fake backend, no cache",
     "cache_size": "(10) call cache size per entry (reference program)",
     "cache_latency": "(10) rerun fully cached vs first run, {n} rows, lognormal 50 ms sigma 1",
+    "ray_overhead": "(11) sglrun batch --ray local, 1 worker: cost per row, {n} rows",
+    "ray_startup": "(11) sglrun batch --ray local start-up",
+    "ray_scale": "(11) --ray local, 2 workers vs 1, {n} rows, lognormal 50 ms sigma 1",
     "help": "(6) sglrun --help start-up",
     "import": "(6) python -c 'import sglrun'",
 }
@@ -104,6 +107,8 @@ class Settings:
     constrained_tries: int = 30
     cache_rows: int = 20_000
     cache_latency_rows: int = 2_000
+    ray_rows: tuple[int, int] = (20_000, 2_000)  # (11) a big and a small run
+    ray_latency_rows: int = 4_000
     num_threads: str | int = "auto"
     warmup: int = 200
     quick: bool = False
@@ -130,6 +135,8 @@ QUICK = Settings(
     constrained_tries=3,
     cache_rows=500,
     cache_latency_rows=100,
+    ray_rows=(600, 200),
+    ray_latency_rows=200,
     warmup=50,
     quick=True,
     budget_s=0.0,
@@ -140,7 +147,7 @@ QUICK = Settings(
 # Seconds after which a part counts as hung (several times what each takes here).
 PART_LIMITS = {
     "6": 120.0, "4": 120.0, "1b": 120.0, "1": 300.0, "7": 600.0, "5": 360.0, "8": 600.0,
-    "9": 300.0, "10": 300.0, "3": 7200.0,
+    "9": 300.0, "10": 300.0, "11": 600.0, "3": 7200.0,
 }  # fmt: skip
 
 
@@ -519,6 +526,11 @@ class Bench:
         measure(self)
 
     # ----------------------------------------------------------- (6) startup
+    def ray(self) -> None:
+        from bench.ray_scale import measure
+
+        measure(self)
+
     def startup(self) -> None:
         runs = self.s.startup_runs
         help_row = self.row("help")
@@ -558,6 +570,8 @@ class Bench:
             "9": ("(9) constrained decoding", ["constrained"], self.constrained),
             "10": ("(10) the call cache", [k for k in ROW_KEYS if k.startswith("cache_")],
                    self.cache),
+            "11": ("(11) scale-out on Ray", ["ray_overhead", "ray_startup", "ray_scale"],
+                   self.ray),
             "3": ("(3) sglrun batch peak RSS",
                   ["rss_small", "rss_medium", "rss_large", "rss_growth"], self.rss),
         }  # fmt: skip
@@ -596,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capital-rows", type=int, help="rows of capital_fact for (5)")
     parser.add_argument("--num-threads", help="run_batch num_threads for (1) (default auto)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
-    parser.add_argument("--only", help="comma-separated parts to run: 1,1b,3,...,9,10")
+    parser.add_argument("--only", help="comma-separated parts to run: 1,1b,3,...,10,11")
     parser.add_argument(
         "--budget",
         type=float,

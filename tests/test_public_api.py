@@ -49,3 +49,16 @@ def test_run_batch_progress_bar_uses_the_display(capsys):
     )
     assert [state["out"] for state in states] == ["x", "x"]
     assert "2 rows, 0 failed" in capsys.readouterr().err
+
+
+def test_the_ray_package_names_run_dataset_and_loads_ray_only_when_it_runs():
+    probe = (
+        "import sys, sglrun.ray\n"
+        "print(sglrun.ray.__all__, callable(sglrun.ray.run_dataset),\n"
+        "      sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['run_dataset'] True []"

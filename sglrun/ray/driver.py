@@ -285,7 +285,7 @@ def run_on_ray(
                 _count(stats, summary)
                 manifest.parts[summary["block"]] = {
                     k: summary[k] for k in ("part", "rows", "ok", "failed", "tokens",
-                                            "prompt_tokens")
+                                            "prompt_tokens", "started", "seconds")
                 }  # fmt: skip
                 if time.monotonic() - last_save >= _SAVE_EVERY:
                     out.save(manifest)

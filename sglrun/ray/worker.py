@@ -121,7 +121,7 @@ class BlockWorker:
         warnings: list[str] = []
         cache = parts.cache
         before = (cache.hits, cache.misses, cache.tokens_saved) if cache is not None else (0, 0, 0)
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         stats = run_batch_file(
             parts.program, open_block(block, options.id_field), backend=parts.backend,
             defaults=parts.defaults, num_threads=parts.concurrency, on_record=records.append,
@@ -141,7 +141,8 @@ class BlockWorker:
         summary.update(
             part=name, rows=stats.done, ok=stats.ok, failed=stats.failed, tokens=stats.tokens,
             prompt_tokens=stats.prompt_tokens, row_seconds=stats.row_seconds,
-            seconds=time.monotonic() - started, pid=os.getpid(),
+            started=round(wall, 3), seconds=round(time.monotonic() - started, 3),
+            pid=os.getpid(),
             cache_hits=after[0] - before[0], cache_misses=after[1] - before[1],
             tokens_saved=after[2] - before[2],
         )  # fmt: skip
