@@ -340,3 +340,30 @@ def test_settings_and_gen_share_one_rule_table(dirs, key, value):
     except ConfigError:
         settings_ok = False
     assert language_ok == settings_ok
+
+
+def test_ray_section_from_file_and_environment(dirs):
+    project, _ = dirs
+    (project / "sglrun.yaml").write_text(
+        "ray:\n  address: auto\n  workers: 2..8\n  cpus_per_worker: 2\n  rows_per_batch: 500\n"
+    )
+    settings = load(dirs)
+    assert settings.ray == {"address": "auto", "workers": (2, 8), "cpus_per_worker": 2.0,
+                            "rows_per_block": 500}  # fmt: skip
+    assert load(dirs, env={"SGLRUN_RAY": "ray://head:10001"}).ray == {
+        "address": "ray://head:10001"
+    }
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("ray:\n  workers: 8..2\n", 'a range "MIN..MAX"'),
+    ("ray:\n  wokers: 2\n", "(not 'wokers')"),
+    ("ray:\n  cpus_per_worker: 0\n", "cpus_per_worker as a number >= 0.01"),
+    ("ray:\n  rows_per_batch: 0\n", "rows_per_batch as an integer >= 1"),
+])  # fmt: skip
+def test_bad_ray_settings_name_the_key(dirs, text, expected):
+    project, _ = dirs
+    (project / "sglrun.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="key 'ray'") as caught:
+        load(dirs)
+    assert expected in str(caught.value)

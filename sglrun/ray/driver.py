@@ -164,12 +164,13 @@ def connect(settings: RaySettings, verbose: bool) -> Callable[[], None] | None:
                 guard.watch(_cluster_pids())
         else:
             ray.init(address=settings.address, **quiet)
-    except ConnectionError as exc:
+    except Exception as exc:  # a wrong address, no cluster there, a cluster that will not start
         if guard is not None:
             guard.close()
         raise InputError(
-            f"--ray {settings.address}: no Ray cluster there ({' '.join(str(exc).split())[:200]}); "
-            "start one with `ray start --head`, or use --ray local"
+            f"--ray {settings.address}: cannot reach or start a Ray cluster "
+            f"({' '.join(str(exc).split())[:200]}); start one with `ray start --head`, or use "
+            "--ray local"
         ) from None
 
     def stop() -> None:
@@ -195,7 +196,14 @@ def _cluster_pids() -> list[int]:
 def _pool(settings: RaySettings, pending: int) -> tuple[int, int]:
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    for kind, wanted in (("CPU", settings.cpus_per_worker), ("GPU", settings.gpus_per_worker)):
+        if settings.address == "local" and wanted > resources.get(kind, 0):
+            raise InputError(
+                f"ray: {kind.lower()}s_per_worker {wanted:g}, but the cluster started here has "
+                f"{resources.get(kind, 0):g} {kind}s: no worker could ever start"
+            )
     fit = max(1, int(cpus // settings.cpus_per_worker)) if settings.cpus_per_worker else cpus
     high = settings.max_workers or fit
     low = settings.min_workers or min(high, fit)

@@ -64,7 +64,8 @@ class Block:
 
 
 def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    """A path with a scheme (``s3://``, ``gs://``, ``file://``): read through pyarrow.fs."""
+    return "://" in path
 
 
 def _filesystem(path: str) -> tuple[Any, str]:
@@ -190,7 +191,7 @@ def _open(path: str) -> IO[bytes]:
         except Exception as exc:
             raise InputError(f"{path}: cannot open input ({_short(exc)})") from None
     try:
-        return open(path.removeprefix("file://"), "rb")
+        return open(path, "rb")
     except OSError as exc:
         raise InputError(f"{path}: cannot open input ({exc.strerror or exc})") from None
 

@@ -233,3 +233,28 @@ def test_local_mode_never_imports_ray(tmp_path):
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_inputs_through_a_filesystem_uri(cluster, server, tmp_path):
+    """A path with a scheme goes through pyarrow.fs, as s3:// and gs:// do (file:// here)."""
+    write_program(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "a.jsonl", rows(30))
+    pq.write_table(pa.Table.from_pylist(rows(40)[30:]), tmp_path / "data" / "b.parquet")
+    uri = f"file://{tmp_path / 'data'}"
+    result = batch(tmp_path, server, [uri], tmp_path / "out", "--ray",
+                   "--config", ray_config(tmp_path, rows_per_batch=10))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = sorted(r["id"] for r in read_parts(tmp_path / "out"))
+    assert got == sorted(r["id"] for r in rows(40))
+    manifest = json.loads((tmp_path / "out" / "sglrun-manifest.json").read_text())
+    assert [i["path"] for i in manifest["inputs"]] == [f"{uri}/a.jsonl", f"{uri}/b.parquet"]
+
+
+def test_a_worker_too_big_for_the_cluster_is_refused(server, tmp_path):
+    write_program(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", rows(3))
+    from sglrun.ray.driver import RaySettings, _pool
+
+    with pytest.raises(Exception, match="no worker could ever start"):
+        _pool(RaySettings(cpus_per_worker=64), 1)
