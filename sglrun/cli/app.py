@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from sglrun.cli.batch_flags import (
+    check_batch_flags,
     check_output,
     default_output,
     delimiter_flag,
@@ -170,6 +171,9 @@ OUTPUT defaults to <input stem>.out.jsonl next to the input, or stdout when INPU
 Each line is {"id": ..., "vars": {...}, "error": null | {"type": ..., "message": ...}}, plus
 input/text/messages/meta with --include. Records are written (and flushed) as rows finish.
 
+With --ray, several INPUTs (files, globs, directories, s3:// paths) run on a Ray cluster
+into the directory -o OUTDIR: one part file per block, and a manifest.
+
 Exit codes: 0 every row ok, 1 some rows failed, 2 usage or input error, 130 interrupted
 (run the same command again with --resume to finish).
 """
@@ -182,7 +186,7 @@ def batch(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            metavar="INPUT...",
+            metavar="INPUT",
             help=".jsonl, .csv or .tsv (maybe .gz), or -; with --ray also .parquet, globs, "
             "directories and s3:// or gs:// paths.",
         ),
@@ -329,20 +333,7 @@ def batch(
 
     with usage_errors():
         fields, input_columns = parse_include(include)
-        counts: tuple[tuple[str, int | None], ...] = (
-            ("--window", window),
-            ("--limit", limit),
-            ("--max-failures", max_failures),
-        )
-        for name, count in counts:
-            if count is not None and count < 1:
-                raise InputError(f"{name} must be >= 1, got {count}")
-        if overwrite and (resume or retry_errors):
-            raise InputError("--overwrite replaces the output, --resume continues it: give one")
-        if force and not (resume or retry_errors):
-            raise InputError("--force goes with --resume (it accepts a changed input or program)")
-        if row_timeout is not None and row_timeout < 0:
-            raise InputError(f"--row-timeout must be >= 0 seconds (0: none), got {row_timeout}")
+        check_batch_flags(ctx.params)
         mapping = parse_map(maps)
         settings, backend_name = shared.settings()
         fn = load_program(program, function)

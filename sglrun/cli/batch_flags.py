@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from sglrun.errors import InputError
+
+
+def check_batch_flags(params: dict[str, Any]) -> None:
+    """The flags of ``batch`` that contradict each other or are out of range."""
+    for name in ("window", "limit", "max_failures"):
+        count = params.get(name)
+        if count is not None and count < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {count}")
+    resuming = params.get("resume") or params.get("retry_errors")
+    if params.get("overwrite") and resuming:
+        raise InputError("--overwrite replaces the output, --resume continues it: give one")
+    if params.get("force") and not resuming:
+        raise InputError("--force goes with --resume (it accepts a changed input or program)")
+    row_timeout = params.get("row_timeout")
+    if row_timeout is not None and row_timeout < 0:
+        raise InputError(f"--row-timeout must be >= 0 seconds (0: none), got {row_timeout}")
 
 
 def split_list(values: list[str] | None) -> list[str]:
