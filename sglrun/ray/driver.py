@@ -264,47 +264,23 @@ def run_on_ray(
     stats.skipped = manifest.totals()["rows"]
     out.save(manifest)
     stop_cluster: Callable[[], None] | None = None
-    warned: set[str] = set()
     try:
         if pending:
             stop_cluster = connect(job.ray, job.verbose)
-            summaries = _Summaries(_dataset(job, pending))
-            last_save = time.monotonic()
-            while True:
-                if stop.is_set():
-                    stats.status = "interrupted"
-                    break
-                kind, value = summaries.next(_POLL)
-                if kind == "wait":
-                    continue
-                if kind == "end":
-                    break
-                if kind == "error":
-                    stats.error = _ray_error(value)
-                    break
-                summary = orjson.loads(value["summary"])
-                for message in summary.get("warnings", ()):
-                    if message not in warned and on_warning is not None:
-                        warned.add(message)
-                        on_warning(message)
-                if "error" in summary:
-                    stats.read_error = InputError(summary["error"])
-                    break
-                _count(stats, summary)
-                manifest.parts[summary["block"]] = {
-                    k: summary[k] for k in ("part", "rows", "ok", "failed", "tokens",
-                                            "prompt_tokens", "started", "seconds")
-                }  # fmt: skip
-                if time.monotonic() - last_save >= _SAVE_EVERY:
-                    out.save(manifest)
-                    last_save = time.monotonic()
-                if on_progress is not None:
-                    on_progress(stats)
+            _drive(job, pending, stats, on_progress, on_warning, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: the blocks in flight are abandoned
+        stats.status = "interrupted"
+    except BaseException:
+        stats.status = "failed"
+        raise
     finally:
         stats.finished = time.monotonic()
         if stats.status == "running":
-            failed = stats.error is not None or stats.read_error is not None
-            stats.status = "read_error" if failed else "completed"
+            stats.status = "completed"
+            if stats.error is not None:
+                stats.status = "failed"
+            elif stats.read_error is not None:
+                stats.status = "read_error"
         manifest.status = stats.status
         try:
             out.save(manifest)
@@ -313,6 +289,49 @@ def run_on_ray(
             if stop_cluster is not None:
                 stop_cluster()
     return stats
+
+
+def _drive(
+    job: RayJob,
+    pending: list[Block],
+    stats: RayStats,
+    on_progress: Callable[[BatchStats], None] | None,
+    on_warning: Callable[[str], None] | None,
+    stop: threading.Event,
+) -> None:
+    """Count the summaries as they come, saving the manifest at most once a second."""
+    manifest, out = job.manifest, job.out
+    summaries = _Summaries(_dataset(job, pending))
+    last_save = time.monotonic()
+    warned: set[str] = set()
+    while not stop.is_set():
+        kind, value = summaries.next(_POLL)
+        if kind == "wait":
+            continue
+        if kind == "end":
+            return
+        if kind == "error":
+            stats.error = _ray_error(value)
+            return
+        summary = orjson.loads(value["summary"])
+        for message in summary.get("warnings", ()):
+            if message not in warned and on_warning is not None:
+                warned.add(message)
+                on_warning(message)
+        if "error" in summary:
+            stats.read_error = InputError(summary["error"])
+            return
+        _count(stats, summary)
+        manifest.parts[summary["block"]] = {k: summary[k] for k in _PART_KEYS}
+        if time.monotonic() - last_save >= _SAVE_EVERY:
+            out.save(manifest)
+            last_save = time.monotonic()
+        if on_progress is not None:
+            on_progress(stats)
+    stats.status = "interrupted"
+
+
+_PART_KEYS = ("part", "rows", "ok", "failed", "tokens", "prompt_tokens", "started", "seconds")
 
 
 def _count(stats: RayStats, summary: dict[str, Any]) -> None:

@@ -297,9 +297,14 @@ def open_block(block: Block, id_field: str | None) -> RowSource:
             data = handle.read(block.end - block.start)
             handle.close()
             stream: IO[bytes] = io.BytesIO(data)
+        elif block.path.lower().endswith(".gz"):
+            if is_remote(block.path):  # closed with the stream: a GzipFile leaves its source
+                stream = cast(IO[bytes], _ClosingGzip(handle))
+            else:
+                handle.close()
+                stream = cast(IO[bytes], gzip.open(block.path, "rb"))
         else:
-            gzipped = block.path.lower().endswith(".gz")
-            stream = cast(IO[bytes], gzip.GzipFile(fileobj=handle)) if gzipped else handle
+            stream = handle
     except OSError as exc:
         handle.close()
         raise InputError(f"{block.path}: cannot read input ({exc.strerror or exc})") from None
@@ -309,6 +314,18 @@ def open_block(block: Block, id_field: str | None) -> RowSource:
     )  # fmt: skip
     source.path = None if is_remote(block.path) or block.end >= 0 else block.path
     return source
+
+
+class _ClosingGzip(gzip.GzipFile):
+    def __init__(self, source: IO[bytes]) -> None:
+        super().__init__(fileobj=source)
+        self._source = source
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._source.close()
 
 
 def _parquet_records(block: Block) -> Iterator[tuple[int, Any, str]]:

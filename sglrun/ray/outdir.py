@@ -121,14 +121,17 @@ class OutputDir:
             if self.previous is not None:
                 os.unlink(self.manifest_path)
             self.previous = None
+        elif resume and self.previous is None and entries:
+            raise InputError(
+                f"{self.path}: holds files but no {MANIFEST}: nothing of sglrun's to resume; "
+                "choose an empty or new -o"
+            )
         elif not resume and (self.previous is not None or entries):
             what = "the output of an earlier run" if self.previous else "files"
             raise InputError(
                 f"{self.path}: holds {what}; --resume continues it, --overwrite replaces it, "
                 "or choose an empty or new -o"
             )
-        elif resume and self.previous is None and ours:
-            raise InputError(f"{self.path}: holds part files but no {MANIFEST}: cannot resume")
 
     def _clean_temporaries(self) -> None:
         """Parts a worker was writing when its run died (never counted)."""
