@@ -34,6 +34,7 @@ __all__ = ["RayJob", "RaySettings", "run_on_ray"]
 
 logger = logging.getLogger(__name__)
 
+TASK_RETRIES = 3
 _SAVE_EVERY = 1.0  # seconds between manifest saves while summaries arrive
 _POLL = 0.1
 
@@ -228,6 +229,10 @@ def _dataset(job: RayJob, pending: list[Block]) -> Any:
         BlockWorker, batch_size=1, batch_format="numpy",
         compute=ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=2),
         num_cpus=job.ray.cpus_per_worker, num_gpus=job.ray.gpus_per_worker or None,
+        # A dead worker is replaced as often as needed, but one block is tried at most
+        # 1 + TASK_RETRIES times: a row that kills its process every time fails the run (its
+        # parts kept) instead of looping for ever.
+        max_restarts=-1, max_task_retries=TASK_RETRIES,
         fn_constructor_kwargs={
             "setup": job.setup, "options": job.options, "directory": job.out.path,
             "fingerprint": job.manifest.fingerprint, "part_format": job.part_format,
@@ -283,6 +288,7 @@ def run_on_ray(
                 stats.status = "read_error"
         manifest.status = stats.status
         try:
+            out.adopt(manifest, blocks)  # parts written whose summary never arrived
             out.save(manifest)
         finally:
             out.release()
@@ -350,6 +356,12 @@ def _count(stats: RayStats, summary: dict[str, Any]) -> None:
 
 def _ray_error(exc: BaseException) -> str:
     """One line from a Ray failure: its innermost cause, without the traceback."""
+    name = type(exc).__name__
+    if name.startswith("Actor") and ("Died" in name or "Unavailable" in name):
+        return (
+            f"a worker process died {1 + TASK_RETRIES} times on the same block (a row that "
+            f"crashes or exhausts its worker?) ({name})"
+        )
     cause: BaseException = exc
     while getattr(cause, "cause", None) is not None and cause.cause is not cause:  # type: ignore[attr-defined]
         cause = cause.cause  # type: ignore[attr-defined]

@@ -30,6 +30,8 @@ def qa(s, question: str):
     if question.startswith("die:") and not os.path.exists(question[4:]):
         open(question[4:], "w").close()  # once: the retried block then runs the row
         os.kill(os.getpid(), 9)  # the worker process dies mid-block, as a lost node
+    if question == "kill-always":
+        os.kill(os.getpid(), 9)
     s += "Q: " + question + "\\n"
     s += "A:" + sgl.gen("answer", max_tokens=6, stop="\\n")
     s += "\\nSure:" + sgl.select("sure", choices=["yes", "no"])

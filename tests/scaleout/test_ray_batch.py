@@ -258,3 +258,19 @@ def test_a_worker_too_big_for_the_cluster_is_refused(server, tmp_path):
 
     with pytest.raises(Exception, match="no worker could ever start"):
         _pool(RaySettings(cpus_per_worker=64), 1)
+
+
+def test_a_row_that_always_kills_its_worker_fails_the_run_not_loops(cluster, server, tmp_path):
+    write_program(tmp_path)
+    data = rows(300)
+    data[250]["question"] = "kill-always"
+    write_jsonl(tmp_path / "in.jsonl", data)
+    result = batch(tmp_path, server, [tmp_path / "in.jsonl"], tmp_path / "out", "--ray",
+                   "--config", ray_config(tmp_path, rows_per_batch=100))  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "a worker process died 4 times on the same block" in result.output
+    assert "run again with --resume" in result.output
+    kept = {r["id"] for r in read_parts(tmp_path / "out")}
+    assert kept == {f"r{i}" for i in range(200)}  # the two good blocks are kept
+    manifest = json.loads((tmp_path / "out" / "sglrun-manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["rows"] == 200
