@@ -131,6 +131,12 @@ class RayBatch:
             ray=ray, part_format=self.part_format, resume=self.resume,
             overwrite=self.overwrite, verbose=self.shared.verbose,
         )  # fmt: skip
+        if self.backend_name != "local":  # a wrong URL or model: one line now, as locally
+            from sglrun.cli.common import shutdown_backend
+            from sglrun.cli.loader import build_backend
+
+            shutdown_backend(build_backend(settings, self.backend_name,
+                                           insecure=self.shared.insecure))  # fmt: skip
         self.job.prepare()
         try:
             self._check_first_rows()
@@ -165,6 +171,7 @@ class RayBatch:
         if not self.shared.quiet:
             say(f"sglrun: {len(self.job.blocks)} blocks; starting Ray ({self.job.ray.address})")
         with stop_on_signals(stop), display:
+            display.set_total(sum(block.rows or 0 for block in self.job.blocks) or None)
             stats = run_on_ray(
                 self.job, on_progress=display.update, stop=stop,
                 on_warning=lambda message: display.note(f"sglrun: warning: {message}"),
@@ -180,6 +187,8 @@ class RayBatch:
 
     def _exit(self, stats: Any) -> NoReturn:
         if stats.error is not None:
+            if stats.error.startswith("a worker could not start") and not stats.done:
+                fail(one_line(stats.error), EXIT_USAGE)  # nothing ran: as a local set-up error
             fail(f"the Ray run failed: {one_line(stats.error)}; the parts written are "
                  f"kept: run again with --resume", EXIT_FAILED)  # fmt: skip
         if stats.read_error is not None:

@@ -218,7 +218,7 @@ def _dataset(job: RayJob, pending: list[Block]) -> Any:
 
     if not job.verbose:  # Ray Data's INFO lines would bury the progress bar
         for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # failures: our own line
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.max_errored_blocks = 0  # a failed block fails the run: never dropped in silence
@@ -357,6 +357,10 @@ def _count(stats: RayStats, summary: dict[str, Any]) -> None:
 def _ray_error(exc: BaseException) -> str:
     """One line from a Ray failure: its innermost cause, without the traceback."""
     name = type(exc).__name__
+    text = str(exc)
+    if "creation task" in text:  # the worker's set-up raised: its own last line says why
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        return "a worker could not start: " + last.removeprefix("sglrun.errors.")
     if name.startswith("Actor") and ("Died" in name or "Unavailable" in name):
         return (
             f"a worker process died {1 + TASK_RETRIES} times on the same block (a row that "

@@ -274,3 +274,22 @@ def test_a_row_that_always_kills_its_worker_fails_the_run_not_loops(cluster, ser
     assert kept == {f"r{i}" for i in range(200)}  # the two good blocks are kept
     manifest = json.loads((tmp_path / "out" / "sglrun-manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["rows"] == 200
+
+
+def test_set_up_errors_are_one_line_before_any_row(cluster, server, tmp_path):
+    write_program(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", rows(5))
+    closed = server.url.rsplit(":", 1)[0] + ":9"  # nothing listens on port 9
+    args = ["--backend", "sglang", "--url", closed, "--no-cache", "-q"]
+    prog, data = str(tmp_path / "prog.py"), str(tmp_path / "in.jsonl")
+    local = invoke("batch", prog, data, "-o", str(tmp_path / "l.jsonl"), *args)
+    remote = invoke("batch", prog, data, "-o", str(tmp_path / "out"), *args, "--ray")
+    assert local.exit_code == remote.exit_code == 2
+    assert remote.output.strip().splitlines()[-1] == local.output.strip().splitlines()[-1]
+    # The embedded engine is built in the workers only: its error comes from there.
+    engine = invoke("batch", prog, data, "-o", str(tmp_path / "out2"), "--model",
+                    str(tmp_path / "missing.gguf"), "-q", "--ray")  # fmt: skip
+    assert engine.exit_code == 2, engine.output
+    ours = [line for line in engine.output.splitlines() if line.startswith("sglrun: error:")]
+    assert len(ours) == 1 and "missing.gguf" in ours[0]  # (Ray may add lines of its own)
+    assert ours[0].startswith("sglrun: error: a worker could not start: ModelNotFoundError: ")
