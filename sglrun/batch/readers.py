@@ -314,13 +314,10 @@ class RowSource:
         (a declared id equal to it is then a repeat, so none is ever shared). With an
         ``id_scope`` (rows of several files), the file's name and the line: stable across
         reruns however the files are split into blocks."""
-        if self.id_scope is not None:
-            return (
-                f"{self.id_scope}#{line}"
-                if self.id_field is None
-                else (f"{self.id_scope}#line-{line}")
-            )
-        return str(index) if self.id_field is None else f"line-{line}"
+        local = str(index) if self.id_field is None else f"line-{line}"
+        if self.id_scope is None:
+            return local
+        return f"{self.id_scope}#{line}" if self.id_field is None else f"{self.id_scope}#{local}"
 
     def count_rows(self) -> int | None:
         """Number of rows iteration will yield (for a progress total); None for stdin.

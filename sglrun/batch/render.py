@@ -27,6 +27,7 @@ from sglrun.errors import InputError
 __all__ = [
     "RENDERED",
     "UNWRITTEN",
+    "arrow_table",
     "check_kind",
     "journal_path",
     "output_kind",
@@ -135,9 +136,15 @@ def _parquet(journal: str, target: str, input_columns: list[str]) -> None:
 
 
 def write_parquet(header: list[str], rows: list[list[Any]], target: str) -> None:
-    """A Parquet file of the table; a column of mixed types is kept as text."""
-    import pyarrow as pa
+    """A Parquet file of the table."""
     import pyarrow.parquet as pq
+
+    pq.write_table(arrow_table(header, rows), target)
+
+
+def arrow_table(header: list[str], rows: list[list[Any]]) -> Any:
+    """The table as a ``pyarrow.Table``; a column of mixed types is kept as text."""
+    import pyarrow as pa
 
     columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
     arrays = {}
@@ -146,7 +153,7 @@ def write_parquet(header: list[str], rows: list[list[Any]], target: str) -> None
             arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep each as text
             arrays[name] = pa.array([None if v is None else str(v) for v in values])
-    pq.write_table(pa.table(arrays), target)
+    return pa.table(arrays)
 
 
 def check_kind(path: str) -> None:

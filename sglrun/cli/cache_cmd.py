@@ -51,11 +51,17 @@ def open_call_cache(
 
 def cache_summary(cache: CallCache | None) -> str | None:
     """``cache 600 of 800 calls (12,300 tokens saved)`` for the summary line."""
-    calls = cache.hits + cache.misses if cache is not None else 0
-    if cache is None or not calls:  # nothing cacheable ran (or no cache): nothing to say
+    if cache is None:
         return None
-    saved = f" ({cache.tokens_saved:,} tokens saved)" if cache.hits else ""
-    return f"cache {cache.hits:,} of {calls:,} calls{saved}"
+    return cache_counts_text(cache.hits, cache.misses, cache.tokens_saved)
+
+
+def cache_counts_text(hits: int, misses: int, tokens_saved: int) -> str | None:
+    """The summary's cache words from counts (a scaled-out run sums its workers')."""
+    if not hits + misses:  # nothing cacheable ran (or no cache): nothing to say
+        return None
+    saved = f" ({tokens_saved:,} tokens saved)" if hits else ""
+    return f"cache {hits:,} of {hits + misses:,} calls{saved}"
 
 
 def parse_duration(text: str) -> float:

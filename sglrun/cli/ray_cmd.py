@@ -56,8 +56,8 @@ def ray_settings(settings: Settings, address: str) -> Any:
     from sglrun.ray.driver import RaySettings
 
     section = dict(settings.ray or {})
-    chosen = address or section.pop("address", None) or os.environ.get("RAY_ADDRESS") or "local"
-    section.pop("address", None)
+    configured = section.pop("address", None)
+    chosen = address or configured or os.environ.get("RAY_ADDRESS") or "local"
     low, high = section.pop("workers", (None, None))
     return RaySettings(address=chosen, min_workers=low, max_workers=high, **section)
 
@@ -177,11 +177,9 @@ class RayBatch:
                 on_warning=lambda message: display.note(f"sglrun: warning: {message}"),
             )  # fmt: skip
             display.update(stats)
-        cache = None
-        calls = stats.cache_hits + stats.cache_misses
-        if calls:
-            saved = f" ({stats.tokens_saved:,} tokens saved)" if stats.cache_hits else ""
-            cache = f"cache {stats.cache_hits:,} of {calls:,} calls{saved}"
+        from sglrun.cli.cache_cmd import cache_counts_text
+
+        cache = cache_counts_text(stats.cache_hits, stats.cache_misses, stats.tokens_saved)
         display.summary(stats, 0, cache)
         self._exit(stats)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sglrun.batch.readers import Row, row_digest
+from sglrun.batch.render import arrow_table, records_table
 from sglrun.batch.runner import run_batch_file
 from sglrun.errors import InvalidArgumentError
 from sglrun.ray.worker import WorkerParts, close_parts
@@ -74,8 +75,6 @@ class _ProgramStage:
         self.keep = keep
 
     def __call__(self, table: Any) -> Any:
-        import pyarrow as pa
-
         data = table.to_pylist()
         rows = [Row(i, i + 1, str(i), item, None, row_digest(item)) for i, item in enumerate(data)]
         records: list[dict[str, Any]] = []
@@ -85,30 +84,13 @@ class _ProgramStage:
             num_threads=parts.concurrency, on_record=records.append, grace=0.0,
             cache=parts.cache,
         )  # fmt: skip
-        names: dict[str, None] = {}
-        for record in records:
-            names.update(dict.fromkeys(record.get("vars") or {}))
-        columns: dict[str, Any] = {c: _column([item.get(c) for item in data]) for c in self.keep}
-        for name in names:
-            columns[name] = _column([(r.get("vars") or {}).get(name) for r in records])
-        errors = [r.get("error") for r in records]
-        columns["error"] = pa.array(
-            [f"{e['type']}: {e['message']}" if e else None for e in errors], type=pa.string()
-        )
-        return pa.table(columns)
+        header, table = records_table(records, [])  # as the Parquet parts: id, vars, error
+        header = [*self.keep, *header[1:]]  # the row's own number is no id of the user's
+        table = [[item.get(c) for c in self.keep] + row[1:] for item, row in zip(data, table)]
+        return arrow_table(header, table)
 
     def __del__(self) -> None:
         close_parts(getattr(self, "parts", None))
-
-
-def _column(values: list[Any]) -> Any:
-    import orjson
-    import pyarrow as pa
-
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: JSON text, one type per column
-        return pa.array([None if v is None else orjson.dumps(v).decode() for v in values])
 
 
 def _pickle_by_value(program: SglFunction) -> None:

@@ -19,7 +19,7 @@ import orjson
 from sglrun.batch.manifest import OutputLock, now, write_json_atomically
 from sglrun.errors import InputError
 from sglrun.ray.inputs import Block, is_remote
-from sglrun.ray.worker import PART_PREFIX, TEMP_SUFFIX
+from sglrun.ray.worker import PART_PREFIX, TEMP_SUFFIX, part_name
 
 __all__ = ["KIND", "MANIFEST", "Manifest", "OutputDir"]
 
@@ -149,8 +149,6 @@ class OutputDir:
         for block in blocks:
             if block.name in manifest.parts:
                 continue
-            from sglrun.ray.worker import part_name
-
             name = part_name(block.name, manifest.fingerprint, manifest.part_format)
             path = os.path.join(self.path, name)
             if os.path.exists(path):

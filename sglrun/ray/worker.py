@@ -120,7 +120,7 @@ class BlockWorker:
         records: list[dict[str, Any]] = []
         warnings: list[str] = []
         cache = parts.cache
-        before = (cache.hits, cache.misses, cache.tokens_saved) if cache is not None else (0, 0, 0)
+        before = _cache_counts(cache)
         started, wall = time.monotonic(), time.time()
         stats = run_batch_file(
             parts.program, open_block(block, options.id_field), backend=parts.backend,
@@ -137,7 +137,7 @@ class BlockWorker:
         name = part_name(block.name, self.fingerprint, self.part_format)
         write_part(self.directory, name, records, self.part_format,
                    list(options.input_columns or ()))  # fmt: skip
-        after = (cache.hits, cache.misses, cache.tokens_saved) if cache is not None else (0, 0, 0)
+        after = _cache_counts(cache)
         summary.update(
             part=name, rows=stats.done, ok=stats.ok, failed=stats.failed, tokens=stats.tokens,
             prompt_tokens=stats.prompt_tokens, row_seconds=stats.row_seconds,
@@ -150,6 +150,10 @@ class BlockWorker:
 
     def __del__(self) -> None:
         close_parts(getattr(self, "parts", None))
+
+
+def _cache_counts(cache: CallCache | None) -> tuple[int, int, int]:
+    return (cache.hits, cache.misses, cache.tokens_saved) if cache is not None else (0, 0, 0)
 
 
 def close_parts(parts: WorkerParts | None) -> None:
