@@ -185,7 +185,9 @@ class _Batch:
         input_columns: tuple[str, ...] | None = None,
         json_values: bool = False,
         cache: CallCache | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
+        self.flush = flush
         self.json_values = json_values
         self.cache = cache
         self.on_row = on_row
@@ -370,6 +372,18 @@ class _Batch:
                 logger.exception("job log write failed")
         self.report_progress()
 
+    def flush_records(self) -> None:
+        """The records handed over so far reach the output; a broken output stops the batch
+        as a failed write does."""
+        if self.flush is None or self.output_closed:
+            return
+        try:
+            self.flush()
+        except Exception as exc:
+            self.stats.write_error = self.stats.write_error or exc
+            self.output_closed = True
+            self.halt.set()
+
     def report_progress(self) -> None:
         if self.on_progress is None or self.output_closed:
             return
@@ -408,6 +422,7 @@ def run_batch_file(
     input_columns: tuple[str, ...] | None = None,
     json_values: bool = False,
     cache: CallCache | None = None,
+    flush: Callable[[], None] | None = None,
 ) -> BatchStats:
     """Run ``program`` on every row and hand one record per row to ``on_record``.
 
@@ -421,7 +436,8 @@ def run_batch_file(
     starts (``stats.too_many_failures``). ``on_row(id, start, seconds, status)`` hears of
     each finished row (``--joblog``); ``input_columns`` narrows ``include`` input to those
     columns; ``json_values`` writes a json_schema gen's value as the JSON it holds; ``cache``
-    replays the model calls it holds and stores the new ones. Returns
+    replays the model calls it holds and stores the new ones; ``flush()`` is called whenever
+    every record finished so far has been handed over (and at the end). Returns
     the counters; ``status`` says how the run ended ("completed", "interrupted",
     "read_error": the input broke after some rows, "write_error": the output broke).
     """
@@ -447,13 +463,14 @@ def run_batch_file(
         on_progress=on_progress, include=frozenset(include), stream_panel=stream_panel,
         mapping=mapping, strict=strict, id_field=id_field, source=source, stop=stop,
         skip_ids=skip_ids, skip_digests=skip_digests or {}, keys=keys, on_row=on_row,
-        input_columns=input_columns, json_values=json_values, cache=cache,
+        input_columns=input_columns, json_values=json_values, cache=cache, flush=flush,
     )  # fmt: skip
     scheduler = Scheduler(num_threads, name=f"batch {program.name}", row_timeout=row_timeout)
     logger.info("batch %s: %d in flight, window %d", program.name, num_threads, window)
     feed = Feed(batch.jobs(iter(rows)), capacity=max(1, num_threads - 1))
     interrupted = False
-    finished_rows = scheduler.imap(batch.run_job, feed, stop=stop, grace=grace)
+    on_idle = batch.flush_records if flush is not None else None
+    finished_rows = scheduler.imap(batch.run_job, feed, stop=stop, grace=grace, on_idle=on_idle)
     capture = _RowStdout.install() if "stdout" in include else None
     try:
         for finished in finished_rows:
@@ -476,6 +493,8 @@ def run_batch_file(
             emitter.flush_all()
         except Exception as exc:
             stats.write_error = stats.write_error or exc
+        if on_idle is not None:
+            on_idle()
         batch.output_closed = True
         stats.abandoned = scheduler.abandoned
         stats.left_behind = scheduler.left_behind

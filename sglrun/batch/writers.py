@@ -1,7 +1,9 @@
-"""Output side of the batch runner: one JSON record per line, flushed as soon as it is known.
+"""Output side of the batch runner: one JSON record per line.
 
-Each record is written with a single ``write`` call and flushed, so a crash or SIGKILL loses at
-most the line being written (``resume.scan_output`` repairs that torn line). Rows finish out of
+Each record is written with a single ``write`` call and flushed at once, or, for the command
+line, whenever no finished row is left to write (one flush per burst of rows, not per row), so
+a crash or SIGKILL loses at most the records of the last burst, and ``resume.scan_output``
+repairs a torn last line. Rows finish out of
 order on many threads; ``OrderedEmitter`` puts them back in input order with bounded memory.
 """
 
@@ -45,13 +47,23 @@ def encode_record(record: Record) -> bytes:
 
 
 class RecordWriter:
-    """Appends JSON lines to a file or stdout (``-``), flushing after each record."""
+    """Appends JSON lines to a file or stdout (``-``), flushing after each record; with
+    ``flush_each=False`` the caller flushes (``flush``) once it has written every record it
+    has, which ``run_batch_file`` does whenever no finished row is left to write."""
 
     def __init__(
-        self, path: str, *, append: bool, fsync: bool = False, stream: IO[bytes] | None = None
+        self,
+        path: str,
+        *,
+        append: bool,
+        fsync: bool = False,
+        stream: IO[bytes] | None = None,
+        flush_each: bool = True,
     ) -> None:
         self.path = path
         self.fsync = fsync and path != "-"
+        self.flush_each = flush_each
+        self._dirty = False
         self._lock = threading.Lock()
         self.count = 0
         if path == "-":
@@ -65,16 +77,29 @@ class RecordWriter:
             self._owned = True
 
     def write(self, record: Record) -> None:
-        """Write and flush one record (thread-safe: lines never interleave)."""
+        """Write one record, in one ``write`` (thread-safe: lines never interleave), and
+        flush it unless the caller flushes."""
         line = encode_record(record)
         with self._lock:
             self._stream.write(line)
-            self._stream.flush()
-            if self.fsync:
-                os.fsync(self._stream.fileno())
             self.count += 1
+            self._dirty = True
+            if self.flush_each:
+                self._flush()
 
     __call__ = write
+
+    def flush(self) -> None:
+        """Hand what is written to the file (and to the disk with ``fsync``)."""
+        with self._lock:
+            if self._dirty:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._stream.flush()
+        if self.fsync:
+            os.fsync(self._stream.fileno())
+        self._dirty = False
 
     def close(self) -> None:
         """Close the file; stdout is only flushed, since it is not ours."""

@@ -189,7 +189,7 @@ class BatchJob:
         claimed = _DataOnlyStdout() if self.out == "-" else None
         writer = RecordWriter(
             self.batch.write_path, append=self.batch.append,
-            stream=claimed.data if claimed is not None else None,
+            stream=claimed.data if claimed is not None else None, flush_each=False,
         )  # fmt: skip
         stop, finished = threading.Event(), threading.Event()
         wave = None
@@ -219,7 +219,8 @@ class BatchJob:
                     self.fn, self.batch.rows, backend=self.backend,
                     defaults=run_defaults(self.settings), num_threads=self.threads,
                     ordered=self.ordered, window=self.window,
-                    on_record=writer.write, on_progress=display.update, include=self.include,
+                    on_record=writer.write, flush=writer.flush,
+                    on_progress=display.update, include=self.include,
                     stream_panel=display.stream_panel, stop_event=stop,
                     mapping=self.mapping or None, strict=self.strict, id_field=self.id_field,
                     skip_ids=self.batch.skip, skip_digests=self.batch.digests,

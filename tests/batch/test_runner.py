@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import random
 import threading
 import time
@@ -15,6 +16,7 @@ import sglrun as sgl
 from sglrun.backends.fake import FakeBackend
 from sglrun.batch.readers import Row
 from sglrun.batch.runner import count_tokens, error_info, run_batch_file
+from sglrun.batch.writers import RecordWriter
 from sglrun.errors import (
     InputError,
     InvalidArgumentError,
@@ -477,3 +479,48 @@ def test_the_collector_threshold_is_back_after_a_run():
     before = gc.get_threshold()
     stats, _ = run(echo, rows_of([{"question": "q"}] * 5))
     assert stats.ok == 5 and gc.get_threshold() == before
+
+
+def test_records_are_flushed_once_every_finished_row_is_handed_over(tmp_path):
+    path = tmp_path / "out.jsonl"
+    writer = RecordWriter(str(path), append=False, flush_each=False)
+    flushed: list[int] = []  # records on disk at each flush
+
+    def flush():
+        writer.flush()
+        flushed.append(len(path.read_text().splitlines()))
+
+    stats = run_batch_file(
+        echo,
+        rows_of([{"question": f"q{i}"} for i in range(300)]),
+        backend=FakeBackend(["x"], cycle=True),
+        defaults=SamplingParams.defaults(),
+        num_threads=8,
+        on_record=writer.write,
+        flush=flush,
+    )
+    writer.close()
+    assert stats.status == "completed"
+    assert flushed and flushed[-1] == 300  # the last flush holds every record
+    assert len(flushed) < 300  # in bursts, not one flush per record
+    assert [r["id"] for r in map(json.loads, path.read_text().splitlines())] == [
+        str(i) for i in range(300)
+    ]
+
+
+def test_a_flush_that_fails_stops_the_batch_as_a_failed_write_does():
+    def flush():
+        raise BrokenPipeError("closed")
+
+    stats = run_batch_file(
+        echo,
+        rows_of([{"question": "q"}] * 2000),
+        backend=FakeBackend(["x"], cycle=True),
+        defaults=SamplingParams.defaults(),
+        num_threads=2,
+        on_record=lambda record: None,
+        flush=flush,
+    )
+    assert stats.status == "write_error"
+    assert isinstance(stats.write_error, BrokenPipeError)
+    assert stats.read < 2000

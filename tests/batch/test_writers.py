@@ -252,3 +252,16 @@ def test_vars_are_made_json_serialisable():
     assert record["vars"] == {"obj": "thing!", "dec": "1.5", "tup": [1, [2]], "nan": None, "3": "k"}
     json.dumps(record, allow_nan=False)  # strictly valid JSON
     assert to_jsonable(b"\xffa") == "\ufffda"
+
+
+def test_a_writer_without_flush_each_hands_records_over_on_flush(tmp_path):
+    path = tmp_path / "out.jsonl"
+    writer = RecordWriter(str(path), append=False, flush_each=False)
+    writer.write({"id": "0"})
+    writer.write({"id": "1"})
+    assert path.read_bytes() == b""  # still in the buffer
+    writer.flush()
+    assert [r["id"] for r in read_jsonl(path)] == ["0", "1"]
+    writer.write({"id": "2"})
+    writer.close()
+    assert [r["id"] for r in read_jsonl(path)] == ["0", "1", "2"]

@@ -202,3 +202,44 @@ def test_the_auto_policy_asks_the_backend():
 def test_scheduler_rejects_a_bad_concurrency():
     with pytest.raises(ValueError):
         Scheduler(0)
+
+
+def test_the_feed_reads_ahead_in_halves_and_tells_the_hub_only_when_it_waits():
+    from sglrun.lang.scheduler import EMPTY, Feed
+
+    drawn = []
+    release = threading.Event()
+
+    def source():
+        for index in range(40):
+            if index == 30:
+                release.wait(10)  # a slow source: the hub finds nothing waiting
+            drawn.append(index)
+            yield index
+
+    notified = []
+    feed = Feed(source(), capacity=8)
+    feed.start(lambda: notified.append(len(drawn)))
+    assert wait_until(lambda: len(drawn) == 8)
+    taken = [feed.poll() for _ in range(3)]  # 5 left: above half, the reader stays asleep
+    time.sleep(0.1)
+    assert len(drawn) == 8 and notified == []
+    taken.append(feed.poll())  # 4 left: half, the reader fills up again
+    assert wait_until(lambda: len(drawn) == 12)
+    while len(taken) < 30:
+        item = feed.poll()
+        if item is not EMPTY:
+            taken.append(item)
+    assert feed.poll() is EMPTY  # the hub waits: the next item tells it
+    told = len(notified)  # (only after the polls that found nothing, never per item)
+    assert told < 30
+    release.set()
+    assert wait_until(lambda: len(notified) > told)
+    while True:
+        try:
+            item = feed.poll()
+        except StopIteration:
+            break
+        if item is not EMPTY:
+            taken.append(item)
+    assert taken == list(range(40))
