@@ -47,6 +47,7 @@ __all__ = [
     "count_tokens",
     "error_info",
     "run_batch_file",
+    "token_counts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,17 +141,25 @@ def error_info(exc: BaseException | None) -> dict[str, str] | None:
 def count_tokens(meta_info: Mapping[str, Any], key: str = "completion_tokens") -> int:
     """Generated tokens: the ``completion_tokens`` of every variable (forks give lists);
     ``key="prompt_tokens"`` counts the tokens sent."""
-    total = 0
+    return token_counts(meta_info, (key,))[0]
+
+
+def token_counts(
+    meta_info: Mapping[str, Any], keys: tuple[str, ...] = ("completion_tokens", "prompt_tokens")
+) -> list[int]:
+    """``count_tokens`` for several keys in one pass over the variables (once per row)."""
+    totals = [0] * len(keys)
     for value in meta_info.values():
         for item in value if isinstance(value, list) else (value,):
             if not isinstance(item, Mapping):
                 continue
-            count = item.get(key)
-            if isinstance(count, list):
-                total += sum(c for c in count if isinstance(c, int) and not isinstance(c, bool))
-            elif isinstance(count, int) and not isinstance(count, bool):
-                total += count
-    return total
+            for at, key in enumerate(keys):
+                count = item.get(key)
+                if type(count) is int:
+                    totals[at] += count
+                elif isinstance(count, list):
+                    totals[at] += sum(c for c in count if type(c) is int)
+    return totals
 
 
 @dataclass
@@ -324,7 +333,8 @@ class _Batch:
                 digest=row.digest,
                 stdout=_captured() if "stdout" in self.include else None,
             )
-            return record, count_tokens(meta), count_tokens(meta, "prompt_tokens")
+            generated, sent = token_counts(meta)
+            return record, generated, sent
         finally:
             if panel is not None:
                 panel.untrack(job.position)

@@ -46,6 +46,7 @@ from sglrun.lang.ir import (
     SglVarScopeBegin,
     SglVarScopeEnd,
     SglVideo,
+    resolve_sampling,
 )
 from sglrun.lang.sync import StateSync
 
@@ -245,8 +246,7 @@ class Executor:
         self.fill(str(expr.value))
 
     def gen(self, expr: SglGen) -> None:
-        params = self.defaults.overridden_by(expr.sampling_params)
-        params = params.with_extra_stop(self.chat_template.stop_str)
+        params = resolve_sampling(self.defaults, expr.sampling_params, self.chat_template.stop_str)
         name = expr.name
         if self.frame.spec_terms is not None:
             from sglrun.lang.speculative import SpecTerm

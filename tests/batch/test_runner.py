@@ -15,7 +15,7 @@ import pytest
 import sglrun as sgl
 from sglrun.backends.fake import FakeBackend
 from sglrun.batch.readers import Row
-from sglrun.batch.runner import count_tokens, error_info, run_batch_file
+from sglrun.batch.runner import count_tokens, error_info, run_batch_file, token_counts
 from sglrun.batch.writers import RecordWriter
 from sglrun.errors import (
     InputError,
@@ -144,8 +144,10 @@ def test_count_tokens_handles_forks_and_missing_counts():
         "b": [{"completion_tokens": 2}, {"completion_tokens": 4}],
         "c": {"finish_reason": "stop"},
         "d": "not a dict",
+        "e": {"completion_tokens": True, "prompt_tokens": [5, False, 6]},
     }
     assert count_tokens(meta) == 9
+    assert token_counts(meta) == [9, 11]
 
 
 def test_include_adds_opt_in_fields():

@@ -365,3 +365,25 @@ def test_cache_arguments_are_checked(backend, tmp_path):
     with pytest.raises(InvalidArgumentError, match="cache mode"):
         CallCache(store, mode="fresh")
     store.close()
+
+
+def test_get_many_reads_any_bytes_in_one_row_and_touches_only_stale_entries(tmp_path):
+    store = CacheStore(tmp_path / "calls.sqlite")
+    values = {index.to_bytes(16, "big"): bytes([index % 256, 32, 0]) * (index % 5)
+              for index in range(300)}  # fmt: skip
+    for key, value in values.items():
+        store.put(key, value)
+    store.flush()
+    stale = [key for index, key in enumerate(values) if index % 3 == 0]
+    recent = int(time.time()) - 100  # used lately: not worth a write
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE calls SET used=?", (recent,))
+        conn.executemany("UPDATE calls SET used=? WHERE key=?", [(1000, key) for key in stale])
+    wanted = [*values, b"\x00" * 15 + b"\xff", b" " * 16]  # two keys that are not there
+    assert store.get_many(wanted) == values  # spaces, zero bytes and empty values intact
+    store.flush()
+    with sqlite3.connect(store.path) as conn:
+        used = dict(conn.execute("SELECT key, used FROM calls").fetchall())
+    assert all(used[key] > time.time() - 60 for key in stale)  # refreshed
+    assert all(used[key] == recent for key in values if key not in stale)
+    store.close()
