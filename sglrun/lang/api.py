@@ -177,16 +177,14 @@ def gen(
                logprob_start_len, top_logprobs_num, return_text_in_logprobs, dtype, regex,
                json_schema)  # fmt: skip
     kinds = tuple(map(type, options))
-    key: tuple[Any, ...] | None = (
-        (options, kinds) if list not in kinds and tuple not in kinds else _options_key(options)
-    )
+    key = (options, kinds) if list not in kinds and tuple not in kinds else _options_key(options)
     try:
-        params = _GEN_PARAMS.get(key)
+        params, keep = _GEN_PARAMS.get(key), True
     except TypeError:  # an unhashable option (a dict schema): checked and built every time
-        key, params = None, None
+        params, keep = None, False
     if params is None:
         params = _gen_params(name, *options)
-        if key is not None:
+        if keep:
             if len(_GEN_PARAMS) >= GEN_MEMO_LIMIT:
                 _GEN_PARAMS.clear()
             _GEN_PARAMS[key] = params
@@ -199,7 +197,7 @@ def gen(
 # 4 µs after).
 # SamplingParams are shared between the SglGen nodes; nothing changes one in place.
 GEN_MEMO_LIMIT = 4096
-_GEN_PARAMS: dict[tuple[Any, ...] | None, SamplingParams] = {}
+_GEN_PARAMS: dict[tuple[Any, ...], SamplingParams] = {}
 
 
 def _options_key(options: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -6,7 +6,10 @@ sends the items gathered so far as one batch once they are worth it (half the li
 once the hub has nothing else to run and no batch of that batcher is out (or it has been
 out ``HOLD_LIMIT``), with at most ``max_in_flight`` batches out per batcher. A batcher with a
 ``settle`` time (a provider's batch API) sends only once the hub is idle and nothing new has
-been gathered for that long: every live program waits for its next call.
+been gathered for that long: every live program waits for its next call. A batcher that
+answers on the hub's own thread (the call cache) may say ``send_when_idle``: nothing is gained
+by sending before every runnable program has gathered its item (measured on a fully cached
+rerun of 20,000 rows: 42 keys a query and 3.45 s with the goal of half, 71 keys and 3.16 s).
 
 Why wait for the batch that is out: sent as soon as the hub idles, every batch only held the
 programs its predecessor had woken, and once the batches were small they stayed small
@@ -47,7 +50,7 @@ class Pending:
     """One batcher's waiting groups and its batches in flight."""
 
     __slots__ = ("batcher", "groups", "waiters", "items", "in_flight", "sent_at", "added_at",
-                 "settle")  # fmt: skip
+                 "settle", "when_idle")  # fmt: skip
 
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
@@ -58,6 +61,7 @@ class Pending:
         self.sent_at = 0.0  # when its last batch went out (``time.monotonic()``)
         self.added_at = 0.0  # when its last group was gathered
         self.settle: float = getattr(batcher, "settle", 0.0)
+        self.when_idle: bool = getattr(batcher, "send_when_idle", False)
 
 
 class Batches:
@@ -101,7 +105,7 @@ class Batches:
                         if force:
                             held = due if held is None else min(held, due)
                         break
-                elif pending.items < goal:
+                elif pending.items < (batcher.max_batch if pending.when_idle else goal):
                     if not force:
                         break
                     # Short of the goal with the hub idle: wait a little for the batch that

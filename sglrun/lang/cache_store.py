@@ -196,6 +196,7 @@ class CacheStore:
     max_batch = 256
     max_in_flight = 1
     cooperative = True
+    send_when_idle = True  # a lookup is local: gather every runnable program's first
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value stored under ``key``, or None (also when the cache is broken); on a

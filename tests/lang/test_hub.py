@@ -99,6 +99,24 @@ def test_gather_sends_many_tasks_items_together_and_each_gets_its_own():
     hub.close()
 
 
+def test_a_batcher_on_the_hubs_thread_may_wait_until_every_runnable_task_gathered():
+    """``send_when_idle`` (the call cache): one batch for all the tasks that could run, where
+    the goal of half the live tasks splits them."""
+    sizes = {}
+    for when_idle in (False, True):
+        hub = Hub(4)
+        batcher = Recorder()
+        batcher.cooperative = True  # type: ignore[attr-defined]
+        batcher.send_when_idle = when_idle  # type: ignore[attr-defined]
+        tasks = [hub.spawn(hub.gather, batcher, [f"t{i}"]) for i in range(40)]
+        assert [hub.join(task) for task in tasks] == [[f"T{i}"] for i in range(40)]
+        assert batcher.threads == {threading.get_ident()}  # sent by a task of the hub
+        sizes[when_idle] = [len(batch) for batch in batcher.batches]
+        hub.close()
+    assert sizes[True] == [40]
+    assert len(sizes[False]) > 1 and sum(sizes[False]) == 40
+
+
 class SlowFirst(Recorder):
     """A Recorder whose first batch takes ``delay`` seconds to come back."""
 
