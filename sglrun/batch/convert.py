@@ -18,7 +18,7 @@ from typing import Any
 from sglrun.batch.readers import _parse_json_line
 from sglrun.errors import InputError, InvalidArgumentError
 
-__all__ = ["ParamSpec", "convert_row", "param_specs"]
+__all__ = ["ParamSpec", "convert_row", "param_specs", "takes_rest"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,12 @@ class ParamSpec:
     annotation: Any = None
     has_default: bool = False
     default: Any = None
+
+
+def takes_rest(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` has a ``**kwargs`` parameter: then a row's other columns go there."""
+    parameters = inspect.signature(func).parameters.values()
+    return any(param.kind is param.VAR_KEYWORD for param in parameters)
 
 
 def param_specs(func: Callable[..., Any]) -> list[ParamSpec]:
@@ -187,9 +193,11 @@ def check_columns(
     strict: bool = False,
     source: str = "",
     id_field: str | None = None,
+    rest: bool = False,
 ) -> None:
     """What a row's keys alone decide: every required parameter has its column, and with
-    ``strict`` no column is left over. A CSV header decides it for every row at once."""
+    ``strict`` no column is left over (``rest``: the program's ``**kwargs`` takes them). A CSV
+    header decides it for every row at once."""
     prefix = f"{source}: " if source else ""
     by_name = {spec.name: spec for spec in params}
     mapping = dict(mapping or {})
@@ -206,7 +214,7 @@ def check_columns(
             missing.append(spec.name + via)
     if missing:
         raise InputError(f"{prefix}missing required argument(s): {', '.join(missing)}")
-    if strict:
+    if strict and not rest:
         known_columns = set(mapping.values()) | {n for n in by_name if n not in mapping}
         if id_field is not None:
             known_columns.add(id_field)
@@ -226,15 +234,24 @@ def convert_row(
     strict: bool = False,
     source: str = "",
     id_field: str | None = None,
+    rest: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for one row; raises InputError naming the column and the problem.
 
     ``mapping`` is ``{parameter: column}``; ``source`` (e.g. ``"in.csv:7"``) prefixes messages.
     An empty CSV cell for a non-string parameter with a default means "use the default".
+    ``rest`` (a program with ``**kwargs``): the columns no parameter takes go along as they are.
     """
-    check_columns(data, params, mapping=mapping, strict=strict, source=source, id_field=id_field)
+    check_columns(
+        data, params, mapping=mapping, strict=strict, source=source, id_field=id_field, rest=rest
+    )
     mapping = dict(mapping or {})
     kwargs: dict[str, Any] = {}
+    if rest:
+        taken: set[str | None] = {mapping.get(spec.name, spec.name) for spec in params}
+        taken.update(spec.name for spec in params)
+        taken.add(id_field)
+        kwargs.update((key, value) for key, value in data.items() if key not in taken)
     for spec in params:
         column = mapping.get(spec.name, spec.name)
         if column not in data:

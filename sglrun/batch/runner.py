@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sglrun.batch.convert import convert_row, param_specs
+from sglrun.batch.convert import convert_row, param_specs, takes_rest
 from sglrun.batch.readers import Row
 from sglrun.batch.writers import OrderedEmitter, make_record
 from sglrun.errors import InputError, InvalidArgumentError, SglrunError, VariableNotProducedError
@@ -218,6 +218,7 @@ class _Batch:
         self.skip_digests = skip_digests
         self.keys = keys
         self.specs = param_specs(program.func)
+        self.rest = takes_rest(program.func)
         self.lock = threading.Lock()
         self.output_closed = False
         self.halt = threading.Event()  # the run is over (or the output broke): stop reading
@@ -300,6 +301,7 @@ class _Batch:
                 strict=self.strict,
                 source=f"{self.source}:{row.line}" if self.source else f"line {row.line}",
                 id_field=self.id_field,
+                rest=self.rest,
             )
             arguments = self.program.bind_call((), kwargs)
         except Exception as exc:

@@ -145,7 +145,7 @@ class BatchJob:
     def _check_capabilities(self) -> None:
         """A dry run of the first row: what the program needs that the backend cannot do
         fails now, before any row runs (exit 2), not as an error record per row."""
-        from sglrun.batch.convert import convert_row, param_specs
+        from sglrun.batch.convert import convert_row, param_specs, takes_rest
         from sglrun.lang.tracing import missing_capabilities
 
         first = self.batch.first
@@ -154,7 +154,7 @@ class BatchJob:
         try:
             arguments = self.fn.bind_call((), convert_row(
                 first.data, param_specs(self.fn.func), mapping=self.mapping or None,
-                id_field=self.id_field,
+                id_field=self.id_field, rest=takes_rest(self.fn.func),
             ))  # fmt: skip
             with contextlib.redirect_stdout(io.StringIO()):  # a dry run's prints are noise
                 missing = missing_capabilities(self.fn, arguments, self.backend)
@@ -357,13 +357,13 @@ def _retries(backend: Any) -> int:
 
 def check_header(job: BatchJob, source: Any, first: dict[str, Any] | None) -> None:
     """What a CSV/TSV header alone shows wrong (``--map``, ``--strict``): InputError now."""
-    from sglrun.batch.convert import check_columns, param_specs
+    from sglrun.batch.convert import check_columns, param_specs, takes_rest
 
     if not source.has_header or first is None:
         return
     check_columns(
         first, param_specs(job.fn.func), mapping=job.mapping or None, strict=job.strict,
-        id_field=job.id_field, source=f"{source.name}: header",
+        id_field=job.id_field, source=f"{source.name}: header", rest=takes_rest(job.fn.func),
     )  # fmt: skip
 
 
@@ -372,7 +372,7 @@ def dry_run_batch(job: BatchJob) -> NoReturn:
     (gens are ``{name}`` placeholders); nothing is written to OUTPUT."""
     import json
 
-    from sglrun.batch.convert import convert_row, param_specs
+    from sglrun.batch.convert import convert_row, param_specs, takes_rest
     from sglrun.batch.readers import open_rows
     from sglrun.cli.loader import backend_options
     from sglrun.lang.registry import backend_entry
@@ -403,6 +403,7 @@ def dry_run_batch(job: BatchJob) -> NoReturn:
                 arguments = job.fn.bind_call((), convert_row(
                     row.data, specs, mapping=job.mapping or None, strict=job.strict,
                     source=f"{source.name}:{row.line}", id_field=job.id_field,
+                    rest=takes_rest(job.fn.func),
                 ))  # fmt: skip
                 with contextlib.redirect_stdout(io.StringIO()):
                     record["prompt"] = first_prompt(job.fn, arguments, template)

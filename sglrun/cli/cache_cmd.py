@@ -72,7 +72,14 @@ def parse_duration(text: str) -> float:
     return float(found.group(1)) * _UNITS[found.group(2) or "s"]
 
 
-def _store(path: str | None, config: str | None, profile: str | None) -> Any:
+def _store(
+    path: str | None,
+    config: str | None,
+    profile: str | None,
+    empty: Callable[[str, int | None], None] | None = None,
+) -> Any:
+    """The cache file the options name, opened; when there is none, ``empty(path, max size)``
+    speaks for it (and exits), else one line says so."""
     from sglrun.cli.config import load_settings
     from sglrun.lang.call_cache import open_store
 
@@ -81,6 +88,18 @@ def _store(path: str | None, config: str | None, profile: str | None) -> Any:
     where = path if path is not None else settings.cache
     if not isinstance(where, str):
         where = None  # true, false or unset: the default place
+    from pathlib import Path
+
+    from sglrun.lang.cache_store import FILE_NAME, default_cache_dir
+
+    file = Path(where).expanduser() if where is not None else default_cache_dir() / FILE_NAME
+    if file.is_dir():
+        file = file / FILE_NAME
+    if not file.exists():  # looking at a cache never makes one
+        if empty is None:
+            typer.echo(f"sglrun: no cache at {file}: nothing is cached there")
+            raise typer.Exit(0)
+        empty(str(file), settings.cache_max_size)
     store = open_store(where, max_bytes=settings.cache_max_size)
     if not store.enabled:
         fail(f"{store.path}: {store.broken}", EXIT_FAILED)
@@ -112,25 +131,34 @@ def stats(
     import json
     import sqlite3
 
-    store = _store(path, config, profile)
+    def show(found: Any) -> None:
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(found), indent=2))
+            return
+        per = f" ({found.bytes / found.entries:,.0f} B per entry)" if found.entries else ""
+        lines = [
+            ("path", found.path),
+            ("entries", f"{found.entries:,}"),
+            ("size", f"{_size(found.bytes)} of {_size(found.max_bytes)}{per}"),
+            ("hits", f"{found.hits:,} (misses {found.misses:,})"),
+            ("tokens saved", f"{found.tokens_saved:,}"),
+            ("last used", f"{_when(found.oldest_use)} .. {_when(found.newest_use)}"),
+        ]
+        for name, value in lines:
+            typer.echo(f"{name:<13} {value}")
+
+    def nothing(file: str, max_bytes: int | None) -> None:
+        from sglrun.lang.cache_store import DEFAULT_MAX_BYTES, CacheStats
+
+        show(CacheStats(file, 0, 0, max_bytes or DEFAULT_MAX_BYTES, 0, 0, 0, None, None))
+        raise typer.Exit(0)
+
+    store = _store(path, config, profile, nothing)
     try:
         found = store.stats()
     except sqlite3.Error as exc:
         fail(f"{store.path}: cannot read the cache ({one_line(exc)})", EXIT_FAILED)
-    if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(found), indent=2))
-        return
-    per = f" ({found.bytes / found.entries:,.0f} B per entry)" if found.entries else ""
-    lines = [
-        ("path", found.path),
-        ("entries", f"{found.entries:,}"),
-        ("size", f"{_size(found.bytes)} of {_size(found.max_bytes)}{per}"),
-        ("hits", f"{found.hits:,} (misses {found.misses:,})"),
-        ("tokens saved", f"{found.tokens_saved:,}"),
-        ("last used", f"{_when(found.oldest_use)} .. {_when(found.newest_use)}"),
-    ]
-    for name, value in lines:
-        typer.echo(f"{name:<13} {value}")
+    show(found)
 
 
 @cache_app.command("clear")

@@ -244,18 +244,20 @@ def describe_parameters(fn: SglFunction) -> str:
 def describe_program(fn: SglFunction, sample: dict[str, Any]) -> str:
     """What ``sglrun inspect`` prints: parameters, the variables a dry run produces and the
     prompt of ``sample`` (missing parameters show as ``{name}``); no model is called."""
-    from sglrun.batch.convert import convert_row, param_specs
+    from sglrun.batch.convert import convert_row, param_specs, takes_rest
 
     specs = param_specs(fn.func)
     names = [spec.name for spec in specs]
     unknown = [key for key in sample if key not in names]
-    if unknown:
+    if unknown and not takes_rest(fn.func):
         raise InputError(
             f"--row: {fn.name} has no parameter(s) {', '.join(unknown)} "
             f"(parameters: {', '.join(names) or 'none'})"
         )
     given = [spec for spec in specs if spec.name in sample]
-    arguments = convert_row(sample, given, source="--row")
+    arguments = fn.by_parameter(
+        convert_row(sample, given, source="--row", rest=takes_rest(fn.func))
+    )
     lines = [f"{fn.name}({', '.join(names)})"]
     doc = (fn.func.__doc__ or "").strip().splitlines()
     if doc:

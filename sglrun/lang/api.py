@@ -30,6 +30,7 @@ from sglrun.lang.ir import (
     SglVideo,
     normalize_sampling,
 )
+from sglrun.lang.sampling import sampling_problem
 
 if TYPE_CHECKING:
     from sglrun.lang.call_cache import CallCache
@@ -122,20 +123,20 @@ def _check_name(where: str, name: Any) -> None:
         raise InvalidArgumentError(f"{where}: name must be a str, not {name!r}")
 
 
-def _schema_text(schema: Any) -> str | None:
-    if schema is None or isinstance(schema, str):
-        if isinstance(schema, str):
-            try:
-                json.loads(schema)
-            except ValueError as exc:
-                raise InvalidArgumentError(f"gen: json_schema is not valid JSON: {exc}") from None
-        return schema
+def _schema_text(where: str, schema: Any) -> str | None:
+    if schema is None:
+        return None
+    if isinstance(schema, str):  # written out as a dict would be: one request, one cache key
+        try:
+            return json.dumps(json.loads(schema))
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{where}: json_schema is not valid JSON: {exc}") from None
     if isinstance(schema, dict):
         return json.dumps(schema)
     model_schema = getattr(schema, "model_json_schema", None)  # a pydantic model class
     if callable(model_schema):
         return json.dumps(model_schema())
-    raise InvalidArgumentError(f"gen: json_schema must be a JSON str or dict, not {schema!r}")
+    raise InvalidArgumentError(f"{where}: json_schema must be a JSON str or dict, not {schema!r}")
 
 
 def gen(
@@ -192,9 +193,9 @@ def gen(
 
 
 # A program's gen() calls run once per row with the same options: their checked and
-# normalized sampling parameters are kept (by option values and their types, so that 1,
-# 1.0 and True stay apart) instead of rebuilt (measured under cProfile: 20 µs a gen() before,
-# 4 µs after).
+# normalized sampling parameters are kept, by option values and their types (1 == True, and
+# only one of them is a valid temperature), instead of rebuilt (measured under cProfile:
+# 20 µs a gen() before, 4 µs after).
 # SamplingParams are shared between the SglGen nodes; nothing changes one in place.
 GEN_MEMO_LIMIT = 4096
 _GEN_PARAMS: dict[tuple[Any, ...], SamplingParams] = {}
@@ -250,15 +251,20 @@ def _gen_params(
     for pattern in ([regex] if regex else []) + (
         [stop_regex] if isinstance(stop_regex, str) else list(stop_regex or [])
     ):
+        if not isinstance(pattern, str):
+            raise InvalidArgumentError(f"gen({name!r}): a regex must be a str, not {pattern!r}")
         try:
             re.compile(pattern)
         except re.error as exc:
             raise InvalidArgumentError(f"gen({name!r}): invalid regex {pattern!r}: {exc}") from None
     if regex is not None and json_schema is not None:
         raise InvalidArgumentError(f"gen({name!r}): give regex or json_schema, not both")
-    values.update(dtype=dtype, regex=regex, json_schema=_schema_text(json_schema))
+    values.update(dtype=dtype, regex=regex, json_schema=_schema_text(f"gen({name!r})", json_schema))
     values = {k: v for k, v in values.items() if v is not None}
-    return SamplingParams(**normalize_sampling(values))
+    try:
+        return SamplingParams(**normalize_sampling(values))
+    except InvalidArgumentError as exc:  # a dtype that is no type a gen can parse
+        raise InvalidArgumentError(f"gen({name!r}): {exc}") from None
 
 
 def _typed_gen(dtype: type, name: str | None, options: dict[str, Any]) -> SglExpr:
@@ -330,8 +336,9 @@ def select(
             f"select({name!r}): choices_method must be one of token_length_normalized, "
             "greedy_token_selection, unconditional_likelihood_normalized"
         )
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InvalidArgumentError(f"select({name!r}): temperature must be a number >= 0")
+    problem = sampling_problem("temperature", temperature)
+    if temperature is None or problem is not None:
+        raise InvalidArgumentError(f"select({name!r}): temperature must be {problem}")
     return SglSelect(name, list(choices), float(temperature), choices_method)
 
 

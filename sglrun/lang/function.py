@@ -54,6 +54,7 @@ class SglFunction:
         self._plain = all(p.kind in named for p in self.arg_params)
         self._required = frozenset(p.name for p in self.arg_params if p.default is p.empty)
         self._names = frozenset(self.arg_names)
+        self._state_name = params[0].name
         self.__name__ = getattr(func, "__name__", "program")
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
@@ -94,6 +95,15 @@ class SglFunction:
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(self.signature.parameters)))
         return arguments
+
+    def call(self, state: Any, arguments: dict[str, Any]) -> Any:
+        """Run the function on ``state`` with ``arguments`` as ``bind_call`` gives them: by
+        parameter name, a ``*args`` parameter's values as one tuple and a ``**kwargs``
+        parameter's as one dict (each passed on as the function declares it)."""
+        if self._plain:
+            return self.func(state, **arguments)
+        bound = inspect.BoundArguments(self.signature, {self._state_name: state, **arguments})
+        return self.func(*bound.args, **bound.kwargs)
 
     # ------------------------------------------------------------ running
     def run(
@@ -229,7 +239,18 @@ class SglFunction:
         from sglrun.lang.tracing import trace
 
         self._check_names(kwargs)
-        return trace(self, {**self.bind_arguments, **kwargs})
+        return trace(self, self.by_parameter({**self.bind_arguments, **kwargs}))
+
+    def by_parameter(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments as ``bind_call`` gives them, missing ones left out: the keys no
+        other parameter takes go into the ``**kwargs`` parameter's dict."""
+        catch_all = next((p.name for p in self.arg_params if p.kind is p.VAR_KEYWORD), None)
+        if catch_all is None:
+            return kwargs
+        named = {p.name for p in self.arg_params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        arguments = {name: value for name, value in kwargs.items() if name in named}
+        arguments[catch_all] = {k: v for k, v in kwargs.items() if k not in named}
+        return arguments
 
     def cache(self, backend: Backend | None = None) -> str:
         """Send the prompt prefix every run shares to the backend's cache; returns it."""

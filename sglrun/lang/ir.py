@@ -166,6 +166,9 @@ def _as_tuple(value: Any) -> tuple[Any, ...] | None:
     return tuple(value)
 
 
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty")
+
+
 def normalize_sampling(values: dict[str, Any]) -> dict[str, Any]:
     """Map SGLang's spellings (``max_tokens``, a str stop, a dtype type) to field names."""
     out = dict(values)
@@ -176,6 +179,9 @@ def normalize_sampling(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("stop", "stop_token_ids", "stop_regex"):
         if key in out:
             out[key] = _as_tuple(out[key])
+    for key in _FLOAT_FIELDS:  # temperature=0 and 0.0 are one request (and one cache key)
+        if type(out.get(key)) is int:
+            out[key] = float(out[key])
     if out.get("dtype") is not None:
         out["dtype"] = dtype_name(out["dtype"])
     return out

@@ -65,7 +65,7 @@ def execute(function: SglFunction, state: ProgramState, arguments: dict[str, Any
     current = executor.sync.owner = greenlet.getcurrent()
     current.call_cache = executor.cache  # a program this one runs is part of its run
     try:
-        state.ret_value = function.func(state, **arguments)
+        state.ret_value = function.call(state, arguments)
     except Cancelled as cancelled:  # a time limit: record it, stop the forks, do not wait
         executor.cancel(cancelled.error)
         executor.end(wait=False)

@@ -3,6 +3,7 @@ the settings files and flags of the command line accept (SGLang's own bounds).""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ SAMPLING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] =
     "stop": ((str, list, tuple), lambda v: True, "a str or a list of str"),
     "stop_token_ids": ((list, tuple), lambda v: True, "a list of int"),
     "stop_regex": ((str, list, tuple), lambda v: True, "a str or a list of str"),
-    "temperature": (_NUMBER, lambda v: v >= 0, "a number >= 0"),
+    "temperature": (_NUMBER, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "top_p": (_NUMBER, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "top_k": ((int,), lambda v: v == -1 or v >= 1, "-1 or an int >= 1"),
     "min_p": (_NUMBER, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -47,6 +48,8 @@ def sampling_problem(key: str, value: Any) -> str | None:
     if key in ("stop", "stop_regex") and not isinstance(value, str):
         if not all(isinstance(item, str) for item in value):
             return "a str or a list of str"
+    if key == "stop_token_ids" and not all(type(item) is int for item in value):
+        return "a list of int"
     return None
 
 

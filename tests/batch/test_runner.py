@@ -526,3 +526,19 @@ def test_a_flush_that_fails_stops_the_batch_as_a_failed_write_does():
     assert stats.status == "write_error"
     assert isinstance(stats.write_error, BrokenPipeError)
     assert stats.read < 2000
+
+
+@sgl.function
+def open_ended(s, question: str, **extra):
+    s += question + repr(sorted(extra.items())) + sgl.gen("answer")
+
+
+def test_a_program_with_kwargs_gets_the_columns_no_parameter_takes():
+    rows = rows_of([{"question": "q", "lang": "fr", "n": 2}, {"question": "r"}])
+    for strict in (False, True):  # --strict: no column is left over, kwargs takes them
+        stats, records = run(open_ended, rows, include=("text",), strict=strict)
+        assert stats.failed == 0
+        assert [r["text"] for r in records] == [
+            "q[('lang', 'fr'), ('n', 2)]hello world",
+            "r[]hello world",
+        ]

@@ -274,3 +274,10 @@ def test_the_cache_command(tmp_path, server, job):
     broken = cache("stats", "--cache", "note.txt")
     assert broken.returncode == 1 and "note.txt" in broken.stderr
     assert (tmp_path / "note.txt").read_text() == "not a cache"
+
+    for command in (["stats", "--json"], ["clear"], ["prune", "--older-than", "1d"]):
+        looked = cache(*command, "--cache", "none.sqlite")  # looking never makes a cache
+        assert looked.returncode == 0, looked.stderr
+        assert not (tmp_path / "none.sqlite").exists()
+    assert json.loads(cache("stats", "--json", "--cache", "none.sqlite").stdout)["entries"] == 0
+    assert "no cache at" in cache("clear", "--cache", "none.sqlite").stdout

@@ -387,3 +387,23 @@ def test_get_many_reads_any_bytes_in_one_row_and_touches_only_stale_entries(tmp_
     assert all(used[key] > time.time() - 60 for key in stale)  # refreshed
     assert all(used[key] == recent for key in values if key not in stale)
     store.close()
+
+
+def test_equal_values_written_differently_are_one_call(server, backend, cache):
+    """0 and 0.0, a schema as a dict or as JSON text: the same request, so the same entry."""
+
+    def program(temperature, schema):
+        @sgl.function
+        def ask(s, topic):
+            s += "Topic: " + topic + sgl.gen("a", max_tokens=4, temperature=temperature)
+            s += sgl.gen("b", max_tokens=4, json_schema=schema)
+
+        return ask
+
+    first = program(0, {"type": "object"})
+    states = first.run_batch(ROWS[:5], backend=backend, cache=cache)
+    assert all(state.error() is None for state in states) and cache.misses == 10
+    server.clear()
+    again = program(0.0, '{"type":"object"}').run_batch(ROWS[:5], backend=backend, cache=cache)
+    assert items(server) == [] and cache.hits == 10
+    assert values(again) == values(states)

@@ -17,20 +17,33 @@ def params_of(expr: object) -> SamplingParams:
 def test_gen_keeps_its_parameters_and_keeps_equal_values_of_other_types_apart():
     first = params_of(sgl.gen("a", max_tokens=8, stop=["\n"], temperature=1))
     assert params_of(sgl.gen("b", max_tokens=8, stop=["\n"], temperature=1)) is first
-    assert first.stop == ("\n",) and type(first.temperature) is int
-    as_float = params_of(sgl.gen("c", max_tokens=8, stop=["\n"], temperature=1.0))
-    assert type(as_float.temperature) is float and as_float is not first
-    ids = params_of(sgl.gen("d", stop_token_ids=[1])).stop_token_ids
-    flags = params_of(sgl.gen("e", stop_token_ids=[True])).stop_token_ids
-    assert ids == (1,) and flags is not None and flags[0] is True
+    assert first.stop == ("\n",) and type(first.temperature) is float  # one request, one key
+    as_float = params_of(sgl.gen("c", max_tokens=8, stop=("\n",), temperature=1.0))
+    assert as_float == first
+    assert params_of(sgl.gen("d", stop_token_ids=[1])).stop_token_ids == (1,)
+    with pytest.raises(InvalidArgumentError, match=r"gen\('e'\): stop_token_ids must be"):
+        sgl.gen("e", stop_token_ids=[True])  # True == 1, yet it is no token id
     with pytest.raises(InvalidArgumentError, match=r"gen\('f'\): temperature must be"):
-        sgl.gen("f", temperature=True)  # True == 1, yet it is no number here
+        sgl.gen("f", temperature=True)  # and no temperature
+    text = params_of(sgl.gen("g", json_schema='{"type":"object"}')).json_schema
+    assert text == params_of(sgl.gen("h", json_schema={"type": "object"})).json_schema
 
 
 def test_gen_checks_every_call_whose_options_fail_and_builds_unhashable_ones_each_time():
     for name in ("one", "two"):  # a failure is never kept: each call names its own gen
         with pytest.raises(InvalidArgumentError, match=rf"gen\('{name}'\): invalid regex"):
             sgl.gen(name, regex="(")
+    bad = [{"dtype": list}, {"json_schema": "{"}, {"json_schema": 5}, {"regex": 5},
+           {"stop_token_ids": ["a"]}, {"temperature": float("inf")}]  # fmt: skip
+    for options in bad:
+        with pytest.raises(InvalidArgumentError, match=r"^gen\('v'\): "):
+            sgl.gen("v", **options)
+    for call in (
+        lambda: sgl.select("v", ["a"], True),
+        lambda: sgl.gen("v", choices=["a"], temperature=True),
+    ):
+        with pytest.raises(InvalidArgumentError, match=r"select\('v'\): temperature must be"):
+            call()
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
     first = params_of(sgl.gen("s", json_schema=schema))
     schema["properties"]["y"] = {"type": "string"}  # a dict may change between calls
@@ -77,3 +90,26 @@ def test_resolved_parameters_are_kept_per_defaults_gen_and_stop_strings():
     other = resolve_sampling(run_two, gen_params, stops)
     assert other.temperature == 0.9
     assert resolve_sampling(run_one, gen_params, ()).stop == ()
+
+
+@sgl.function
+def catch_all(s, a, **extra):
+    s += f"{a}|{sorted(extra.items())}|" + sgl.gen("g", max_tokens=1)
+
+
+@sgl.function
+def starred(s, first, *items):
+    s += f"{first}{items}" + sgl.gen("g", max_tokens=1)
+
+
+def test_programs_with_star_args_and_kwargs_get_their_arguments_as_python_would_pass_them():
+    from sglrun.backends.fake import FakeBackend
+
+    backend = FakeBackend(["ok"], cycle=True)
+    assert catch_all.run(a=1, zz=3, backend=backend).text() == "1|[('zz', 3)]|ok"
+    [state] = catch_all.run_batch([{"a": 2, "extra": 5}], backend=backend)
+    assert state.text() == "2|[('extra', 5)]|ok"  # a key named like the catch-all is a key
+    assert catch_all.trace(a=1, zz=2).text() == "1|[('zz', 2)]|{g}"
+    assert starred.run("x", "y", "z", backend=backend).text() == "x('y', 'z')ok"
+    [state] = starred.run_batch([["p", "q"]], backend=backend)
+    assert state.text() == "p('q',)ok" and state.error() is None
