@@ -22,7 +22,7 @@ SAMPLING_RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] =
     "stop": ((str, list, tuple), lambda v: True, "a str or a list of str"),
     "stop_token_ids": ((list, tuple), lambda v: True, "a list of int"),
     "stop_regex": ((str, list, tuple), lambda v: True, "a str or a list of str"),
-    "temperature": (_NUMBER, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "temperature": (_NUMBER, lambda v: 0 <= v < math.inf, "a number >= 0 (not infinity)"),
     "top_p": (_NUMBER, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "top_k": ((int,), lambda v: v == -1 or v >= 1, "-1 or an int >= 1"),
     "min_p": (_NUMBER, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
