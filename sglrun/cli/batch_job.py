@@ -389,6 +389,7 @@ def dry_run_batch(job: BatchJob) -> NoReturn:
         job.input_path, fmt=job.input_format, id_field=job.id_field, delimiter=job.delimiter
     )
     specs = param_specs(job.fn.func)
+    rest = takes_rest(job.fn.func)
     failed = 0
     with source:
         for count, row in enumerate(source):
@@ -402,8 +403,7 @@ def dry_run_batch(job: BatchJob) -> NoReturn:
                     raise row.error or InputError("unreadable row")
                 arguments = job.fn.bind_call((), convert_row(
                     row.data, specs, mapping=job.mapping or None, strict=job.strict,
-                    source=f"{source.name}:{row.line}", id_field=job.id_field,
-                    rest=takes_rest(job.fn.func),
+                    source=f"{source.name}:{row.line}", id_field=job.id_field, rest=rest,
                 ))  # fmt: skip
                 with contextlib.redirect_stdout(io.StringIO()):
                     record["prompt"] = first_prompt(job.fn, arguments, template)

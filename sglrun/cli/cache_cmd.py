@@ -14,6 +14,8 @@ from sglrun.cli.options import ConfigOpt, ProfileOpt
 from sglrun.errors import InputError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sglrun.cli.config import Settings
     from sglrun.lang.call_cache import CallCache
 
@@ -72,35 +74,33 @@ def parse_duration(text: str) -> float:
     return float(found.group(1)) * _UNITS[found.group(2) or "s"]
 
 
-def _store(
-    path: str | None,
-    config: str | None,
-    profile: str | None,
-    empty: Callable[[str, int | None], None] | None = None,
-) -> Any:
-    """The cache file the options name, opened; when there is none, ``empty(path, max size)``
-    speaks for it (and exits), else one line says so."""
+def _locate(path: str | None, config: str | None, profile: str | None) -> tuple[Path, Settings]:
+    """The cache file the options name (whether or not it exists) and the settings."""
     from sglrun.cli.config import load_settings
-    from sglrun.lang.call_cache import open_store
+    from sglrun.lang.cache_store import cache_file
 
     with usage_errors():
         settings = load_settings(config_file=config, profile=profile)
     where = path if path is not None else settings.cache
     if not isinstance(where, str):
         where = None  # true, false or unset: the default place
-    from pathlib import Path
+    return cache_file(where), settings
 
-    from sglrun.lang.cache_store import FILE_NAME, default_cache_dir
 
-    file = Path(where).expanduser() if where is not None else default_cache_dir() / FILE_NAME
-    if file.is_dir():
-        file = file / FILE_NAME
-    if not file.exists():  # looking at a cache never makes one
-        if empty is None:
-            typer.echo(f"sglrun: no cache at {file}: nothing is cached there")
-            raise typer.Exit(0)
-        empty(str(file), settings.cache_max_size)
-    store = open_store(where, max_bytes=settings.cache_max_size)
+def _store(path: str | None, config: str | None, profile: str | None) -> Any:
+    """The cache file the options name, opened; where there is none, one line says so (looking
+    at a cache never makes one)."""
+    file, settings = _locate(path, config, profile)
+    if not file.exists():
+        typer.echo(f"sglrun: no cache at {file}: nothing is cached there")
+        raise typer.Exit(0)
+    return _open(file, settings)
+
+
+def _open(file: Path, settings: Settings) -> Any:
+    from sglrun.lang.call_cache import open_store
+
+    store = open_store(file, max_bytes=settings.cache_max_size)
     if not store.enabled:
         fail(f"{store.path}: {store.broken}", EXIT_FAILED)
     return store
@@ -147,13 +147,14 @@ def stats(
         for name, value in lines:
             typer.echo(f"{name:<13} {value}")
 
-    def nothing(file: str, max_bytes: int | None) -> None:
+    file, settings = _locate(path, config, profile)
+    if not file.exists():  # looking at a cache never makes one
         from sglrun.lang.cache_store import DEFAULT_MAX_BYTES, CacheStats
 
-        show(CacheStats(file, 0, 0, max_bytes or DEFAULT_MAX_BYTES, 0, 0, 0, None, None))
-        raise typer.Exit(0)
-
-    store = _store(path, config, profile, nothing)
+        limit = settings.cache_max_size or DEFAULT_MAX_BYTES
+        show(CacheStats(str(file), 0, 0, limit, 0, 0, 0, None, None))
+        return
+    store = _open(file, settings)
     try:
         found = store.stats()
     except sqlite3.Error as exc:

@@ -30,7 +30,7 @@ from sglrun.lang.ir import (
     SglVideo,
     normalize_sampling,
 )
-from sglrun.lang.sampling import sampling_problem
+from sglrun.lang.sampling import SAMPLING_RULES, sampling_problem
 
 if TYPE_CHECKING:
     from sglrun.lang.call_cache import CallCache
@@ -338,7 +338,8 @@ def select(
         )
     problem = sampling_problem("temperature", temperature)
     if temperature is None or problem is not None:
-        raise InvalidArgumentError(f"select({name!r}): temperature must be {problem}")
+        rule = SAMPLING_RULES["temperature"][2]
+        raise InvalidArgumentError(f"select({name!r}): temperature must be {rule}")
     return SglSelect(name, list(choices), float(temperature), choices_method)
 
 

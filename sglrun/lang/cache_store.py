@@ -34,6 +34,7 @@ __all__ = [
     "FILE_NAME",
     "CacheStats",
     "CacheStore",
+    "cache_file",
     "default_cache_dir",
 ]
 
@@ -78,6 +79,13 @@ def default_cache_dir(env: dict[str, str] | None = None) -> Path:
     return Path(base) / "sglrun"
 
 
+def cache_file(path: str | os.PathLike[str] | None) -> Path:
+    """The file a cache path names: the default one for None, ``calls.sqlite`` in a
+    directory."""
+    file = Path(path).expanduser() if path is not None else default_cache_dir() / FILE_NAME
+    return file / FILE_NAME if file.is_dir() else file
+
+
 @dataclasses.dataclass
 class CacheStats:
     """``sglrun cache stats``: what the file holds and what it saved, all runs together."""
@@ -108,8 +116,7 @@ class CacheStore:
         max_bytes: int = DEFAULT_MAX_BYTES,
         on_warning: Callable[[str], None] | None = None,
     ) -> None:
-        path = Path(path).expanduser()
-        self.path = path / FILE_NAME if path.is_dir() else path
+        self.path = cache_file(path)
         self.max_bytes = max_bytes
         self.on_warning = on_warning
         self.broken: str | None = None

@@ -35,7 +35,11 @@ import orjson
 
 from sglrun.errors import InvalidArgumentError
 from sglrun.lang.backend import GenerateRequest, GenerateResult, SelectRequest
-from sglrun.lang.cache_store import DEFAULT_MAX_BYTES, FILE_NAME, CacheStore, default_cache_dir
+from sglrun.lang.cache_store import (
+    DEFAULT_MAX_BYTES,
+    CacheStore,
+    cache_file,
+)
 from sglrun.lang.choices import ChoicesDecision
 from sglrun.lang.ir import SamplingParams
 
@@ -74,8 +78,7 @@ def open_store(
     on_warning: Callable[[str], None] | None = None,
 ) -> CacheStore:
     """The process's store for ``path`` (default: the user cache directory), opened once."""
-    where = Path(path).expanduser() if path is not None else default_cache_dir() / FILE_NAME
-    where = where.absolute()
+    where = cache_file(path).absolute()
     with _stores_lock:
         store = _stores.get(where)
         if not _stores:
