@@ -202,7 +202,10 @@ def test_a_killed_run_replays_the_finished_steps_of_its_rows(tmp_path, server, j
         while time.monotonic() < deadline:  # the finished calls reach the file within ms
             if cache_file(tmp_path).exists():
                 with sqlite3.connect(cache_file(tmp_path)) as conn:
-                    stored = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+                    try:
+                        stored = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+                    except sqlite3.OperationalError:  # made, its schema not yet committed
+                        stored = 0
             if stored >= 80 and steps(server)["step3"] >= 1:
                 break
             time.sleep(0.05)
